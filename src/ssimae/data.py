@@ -1,0 +1,290 @@
+"""Images on disk -> float arrays; dataset discovery; training patch sampling.
+
+Images are (H, W, C) float32 arrays in [0, 1] with C = 1 (gray) or 3 (RGB) throughout the package.
+Layouts understood:
+  MVTec AD category: train/good, optional validation/good, test/<defect>/<stem>.<ext>,
+                     ground_truth/<defect>/<stem>_mask.png (good test images have no mask)
+  plain folder:      any folder of images (searched recursively), defect-free, for training;
+                     a file or folder (recursive) for prediction
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .errors import SsimaeError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
+
+
+# --------------------------------------------------------------------------- image files
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as float32 (H, W, C) in [0, 1], C = 1 or 3; alpha is dropped.
+
+    8-bit, 16-bit and float images; gray, gray+alpha, RGB, RGBA, palette and bilevel modes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SsimaeError(f"image {path} does not exist")
+    if path.stat().st_size == 0:
+        raise SsimaeError(f"image {path} is an empty (zero-byte) file; replace or remove it")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            array = _pil_to_array(image, path)
+    except SsimaeError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise SsimaeError(f"cannot read image {path}: {error}; replace or remove the file") from None
+    if not np.isfinite(array).all():
+        raise SsimaeError(f"image {path} has non-finite pixel values (NaN or inf); fix or remove the file")
+    return array
+
+
+def _pil_to_array(image: Image.Image, path: Path) -> np.ndarray:
+    mode = image.mode
+    if mode in ("P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGBA" if mode in ("P", "PA") else ("L" if mode == "1" else "RGB"))
+        mode = image.mode
+    if mode == "LA":
+        image, mode = image.getchannel("L"), "L"
+    if mode == "RGBA":
+        image, mode = image.convert("RGB"), "RGB"
+    array = np.asarray(image)
+    if mode in ("L", "RGB"):
+        array = array.astype(np.float32) / 255.0
+    elif mode.startswith("I;16") or mode == "I":
+        array = array.astype(np.float32) / 65535.0
+    elif mode == "F":
+        array = array.astype(np.float32)
+        if np.isfinite(array).all() and (array.min() < 0 or array.max() > 1):
+            raise SsimaeError(
+                f"float image {path} has values in [{array.min():.3g}, {array.max():.3g}], outside [0, 1]; "
+                "rescale it to [0, 1] or save it as 8/16-bit"
+            )
+    else:
+        raise SsimaeError(f"image {path} has an unsupported mode {mode}; save it as 8-bit gray or RGB")
+    if array.ndim == 2:
+        array = array[:, :, None]  # (H, W, 1)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def to_color(array: np.ndarray, color: str) -> np.ndarray:
+    """(H, W, C) -> (H, W, 1) for 'gray' (luma) or (H, W, 3) for 'rgb' (gray repeated)."""
+    channels = array.shape[2]
+    if color == "gray":
+        return array if channels == 1 else (array @ GRAY_WEIGHTS)[:, :, None].astype(np.float32)
+    return array if channels == 3 else np.repeat(array, 3, axis=2)
+
+
+def load_image(path: str | os.PathLike, color: str, image_size=None) -> np.ndarray:
+    """read_image + colour conversion + optional resize, (H, W, C) float32."""
+    return resize_image(to_color(read_image(path), color), image_size)
+
+
+def target_size(height: int, width: int, image_size) -> tuple[int, int]:
+    """(height, width) after resizing by a parsed image-size spec (None, shorter side, or (W, H))."""
+    if image_size is None:
+        return height, width
+    if isinstance(image_size, tuple):
+        return image_size[1], image_size[0]
+    scale = image_size / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_image(array: np.ndarray, image_size) -> np.ndarray:
+    """Bilinear (antialiased when shrinking) resize of an (H, W, C) array."""
+    height, width = target_size(array.shape[0], array.shape[1], image_size)
+    if (height, width) == array.shape[:2]:
+        return array
+    tensor = torch.from_numpy(array).permute(2, 0, 1)[None]  # (1, C, H, W)
+    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return resized[0].permute(1, 2, 0).clamp(0, 1).contiguous().numpy()
+
+
+def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a 2-D anomaly map back to an image's original size."""
+    if anomaly_map.shape == (height, width):
+        return anomaly_map
+    tensor = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
+    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+    return resized[0, 0].numpy()
+
+
+def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError) as error:
+        raise SsimaeError(f"cannot read image {path}: {error}; replace or remove the file") from None
+
+
+def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask as bool (H, W); nonzero = defect; must match the image's (H, W)."""
+    mask = read_image(path)[:, :, 0] > 0
+    if mask.shape != tuple(shape):
+        raise SsimaeError(
+            f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]} (WxH); "
+            "masks must have their image's size"
+        )
+    return mask
+
+
+def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
+    """Reflect-pad (H, W, C) at the bottom/right so both sides are at least `size`."""
+    pad_h, pad_w = max(0, size - array.shape[0]), max(0, size - array.shape[1])
+    if not pad_h and not pad_w:
+        return array
+    return np.pad(array, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
+
+
+# --------------------------------------------------------------------------- dataset discovery
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under a folder, recursively, sorted; hidden files skipped."""
+    folder = Path(folder)
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+
+
+def is_mvtec_category(root: str | os.PathLike) -> bool:
+    return (Path(root) / "train" / "good").is_dir() or (Path(root) / "test").is_dir()
+
+
+class TrainingImages(NamedTuple):
+    train: list[Path]
+    validation: list[Path]
+
+
+def find_training_images(root: str | os.PathLike, val_fraction: float, seed: int) -> TrainingImages:
+    """Defect-free images for training and validation from an MVTec category or a plain folder."""
+    root = Path(root)
+    if not root.exists():
+        raise SsimaeError(f"training data {root} does not exist; pass an MVTec category folder or a folder of good images")
+    if not root.is_dir():
+        raise SsimaeError(f"training data {root} is not a folder; pass an MVTec category folder or a folder of good images")
+    if is_mvtec_category(root):
+        good = root / "train" / "good"
+        if not good.is_dir():
+            raise SsimaeError(f"{root} looks like an MVTec category but has no train/good folder")
+        train = list_images(good)
+        where = good
+        validation = list_images(root / "validation" / "good") if (root / "validation" / "good").is_dir() else None
+    else:
+        train, where, validation = list_images(root), root, None
+    if not train:
+        raise SsimaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {where}; add defect-free images there")
+    if validation is None:
+        train, validation = split_holdout(train, val_fraction, seed)
+    return TrainingImages(train, validation)
+
+
+def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Seeded random split into (kept, held out); at least one image is kept for training."""
+    count = min(len(paths) - 1, round(len(paths) * fraction)) if fraction > 0 else 0
+    if count <= 0:
+        return list(paths), []
+    order = np.random.default_rng(seed).permutation(len(paths))
+    held = set(order[:count].tolist())
+    return [p for i, p in enumerate(paths) if i not in held], [p for i, p in enumerate(paths) if i in held]
+
+
+class TestItem(NamedTuple):
+    path: Path
+    defect_type: str  # "good" or the defect folder name
+    mask_path: Path | None  # None for good images: an all-zero mask
+
+
+def find_test_items(root: str | os.PathLike) -> list[TestItem]:
+    """Labelled test images of an MVTec category: test/<defect>/*, masks in ground_truth/<defect>/."""
+    root = Path(root)
+    test = root / "test"
+    if not test.is_dir():
+        raise SsimaeError(f"{root} has no test folder; evaluation needs the MVTec layout test/<defect>/<image>")
+    items: list[TestItem] = []
+    for defect_dir in sorted(p for p in test.iterdir() if p.is_dir()):
+        for path in list_images(defect_dir):
+            if defect_dir.name == "good":
+                items.append(TestItem(path, "good", None))
+                continue
+            relative = path.relative_to(defect_dir).with_suffix("")
+            mask = root / "ground_truth" / defect_dir.name / relative.parent / f"{relative.name}_mask.png"
+            if not mask.is_file():
+                raise SsimaeError(f"test image {path} has no mask {mask}; add it (MVTec layout) or move the image")
+            items.append(TestItem(path, defect_dir.name, mask))
+    if not items:
+        raise SsimaeError(f"no test images found under {test}")
+    return items
+
+
+# --------------------------------------------------------------------------- training patches
+
+
+def sample_patches(
+    images: list[np.ndarray],
+    count: int,
+    patch_size: int,
+    rng: np.random.Generator,
+    rotate: str = "any",
+    flip: bool = True,
+) -> torch.Tensor:
+    """`count` random crops, (count, C, P, P) float32, from images of any sizes (each >= the crop).
+
+    Images are drawn with probability proportional to their area, so every pixel is equally likely.
+    rotate='any' crops a square large enough to hold the patch at any angle, rotates it by a
+    uniform random angle (bilinear) and keeps the centre; rotate='90' uses multiples of 90 degrees.
+    """
+    crop = math.ceil(patch_size * math.sqrt(2)) + 2 if rotate == "any" else patch_size
+    areas = np.array([im.shape[0] * im.shape[1] for im in images], dtype=np.float64)
+    choice = rng.choice(len(images), size=count, p=areas / areas.sum())
+    crops = []
+    for index in choice:
+        image = images[index]
+        if image.shape[0] < crop or image.shape[1] < crop:
+            image = pad_to_min_size(image, crop)
+        top = rng.integers(0, image.shape[0] - crop + 1)
+        left = rng.integers(0, image.shape[1] - crop + 1)
+        crops.append(image[top : top + crop, left : left + crop])
+    batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()  # (N, C, crop, crop)
+    if rotate == "any":
+        batch = _rotate_and_center_crop(batch, rng.uniform(0, 2 * math.pi, size=count), patch_size)
+    elif rotate == "90":
+        turns = rng.integers(0, 4, size=count)
+        batch = torch.stack([torch.rot90(p, int(k), dims=(1, 2)) for p, k in zip(batch, turns)])
+    if flip:
+        flip_h = torch.from_numpy(rng.random(count) < 0.5)
+        flip_v = torch.from_numpy(rng.random(count) < 0.5)
+        batch[flip_h] = batch[flip_h].flip(3)
+        batch[flip_v] = batch[flip_v].flip(2)
+    return batch.contiguous()
+
+
+def _rotate_and_center_crop(batch: torch.Tensor, angles: np.ndarray, patch_size: int) -> torch.Tensor:
+    """Rotate each (C, S, S) crop about its centre and keep the central P x P, (N, C, P, P)."""
+    n, _, size, _ = batch.shape
+    cos, sin = torch.from_numpy(np.cos(angles)).float(), torch.from_numpy(np.sin(angles)).float()
+    scale = patch_size / size  # the output grid covers only the central P x P of the crop
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * scale, -sin * scale
+    theta[:, 1, 0], theta[:, 1, 1] = sin * scale, cos * scale
+    grid = F.affine_grid(theta, (n, batch.shape[1], patch_size, patch_size), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -1,0 +1,164 @@
+"""Images -> anomaly maps, masks, overlays and scores, from a checkpoint alone.
+
+Output layout for `predict_folder(..., output_dir)`, REL = the image path relative to the input
+folder without its extension:
+    maps/REL.tiff      float32 anomaly map at the original image size (MVTec evaluation layout)
+    masks/REL.png      0/255 segmentation (map > threshold)
+    overlays/REL.png   the image with a heat map and the mask contour
+    scores.csv         path, score (max of the map), defective (yes/no)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+from scipy import ndimage
+
+from .checkpoint import load_model
+from .config import Config, parse_image_size
+from .data import IMAGE_EXTENSIONS, list_images, read_image, resize_image, resize_map, to_color
+from .errors import SsimaeError
+from .files import atomic_path, atomic_write_text
+from .inference import PatchFn, anomaly_map, torch_patch_fn
+from .losses import METHODS
+from .train import resolve_device, ssim_settings
+
+log = logging.getLogger(__name__)
+
+
+class Prediction(NamedTuple):
+    anomaly_map: np.ndarray  # (H, W) float32 at the original image size
+    mask: np.ndarray  # (H, W) bool, map > threshold
+    score: float  # image score: the maximum of the map
+
+
+class Detector(NamedTuple):
+    """A loaded checkpoint: the patch function and the settings that go with it."""
+
+    patch_fn: PatchFn
+    config: Config
+    threshold: float | None
+    channels: int
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, C) as read -> the model's colour and size."""
+        return resize_image(to_color(image, self.config.color), parse_image_size(self.config.image_size))
+
+    def anomaly_map(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, C) image as read -> (H, W) map at the same size."""
+        height, width = image.shape[:2]
+        cfg = self.config
+        processed = self.preprocess(image)
+        amap = anomaly_map(processed, self.patch_fn, cfg.patch_size, cfg.stride, cfg.infer_batch_size)
+        return resize_map(amap, height, width)
+
+    def predict(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
+        amap = self.anomaly_map(image)
+        threshold = self.threshold if threshold is None else threshold
+        if threshold is None:
+            raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
+        return Prediction(amap, amap > threshold, float(amap.max()))
+
+
+def load_detector(checkpoint: str | os.PathLike, device: str = "auto", stride: int | None = None,
+                  batch_size: int | None = None) -> Detector:
+    """A Detector from a checkpoint, optionally with another stride or inference batch size."""
+    model, config, state = load_model(checkpoint)
+    if stride is not None:
+        config.stride = stride
+    if batch_size is not None:
+        config.infer_batch_size = batch_size
+    config.validate()
+    torch_device = resolve_device(device)
+    patch_fn = torch_patch_fn(model.to(torch_device), METHODS[config.method], ssim_settings(config), torch_device)
+    return Detector(patch_fn, config, state["threshold"], state["model_kwargs"]["channels"])
+
+
+def input_images(source: str | os.PathLike) -> tuple[list[Path], Path]:
+    """(image files, the folder their relative output paths start from) for a file or folder."""
+    source = Path(source)
+    if source.is_file():
+        if source.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise SsimaeError(f"{source} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        return [source], source.parent
+    if source.is_dir():
+        paths = list_images(source)
+        if not paths:
+            raise SsimaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+        return paths, source
+    raise SsimaeError(f"input {source} does not exist; pass an image file or a folder of images")
+
+
+def warn_colour_mismatch(image: np.ndarray, detector: Detector, path: Path, warned: set) -> None:
+    native = "rgb" if image.shape[2] == 3 else "gray"
+    if native != detector.config.color and native not in warned:
+        warned.add(native)
+        log.warning("%s is %s but the model is %s: converting %s images to %s", path, native,
+                    detector.config.color, native, detector.config.color)
+
+
+def overlay_image(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, threshold: float | None) -> np.ndarray:
+    """(H, W, 3) uint8: the image, a jet heat map blended by anomaly score, the mask contour in red.
+
+    The heat map is scaled to [0, 2 * threshold] so colours mean the same thing on every image.
+    """
+    rgb = to_color(image, "rgb")
+    top = 2 * threshold if threshold else float(amap.max()) or 1.0
+    heat = colormaps["jet"](np.clip(amap / top, 0, 1))[:, :, :3].astype(np.float32)  # (H, W, 3)
+    blended = 0.6 * rgb + 0.4 * heat
+    contour = mask & ~ndimage.binary_erosion(mask, iterations=1, border_value=0)
+    contour = ndimage.binary_dilation(contour, iterations=1) if min(mask.shape) >= 256 else contour
+    blended[contour] = (1.0, 0.0, 0.0)
+    return (np.clip(blended, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_tiff(path: Path, amap: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(amap.astype(np.float32), mode="F").save(tmp, format="TIFF")
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def predict_folder(
+    detector: Detector,
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    threshold: float | None = None,
+    progress: Callable | None = None,
+) -> list[dict]:
+    """Predict every image under `source`; write maps, masks, overlays and scores.csv."""
+    paths, base = input_images(source)
+    threshold = detector.threshold if threshold is None else threshold
+    if threshold is None:
+        raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
+    output_dir = Path(output_dir)
+    rows, warned = [], set()
+    for path in progress(paths) if progress else paths:
+        image = read_image(path)
+        warn_colour_mismatch(image, detector, path, warned)
+        result = detector.predict(image, threshold)
+        relative = path.relative_to(base).with_suffix("")
+        write_tiff(output_dir / "maps" / relative.with_suffix(".tiff"), result.anomaly_map)
+        write_png(output_dir / "masks" / relative.with_suffix(".png"), result.mask.astype(np.uint8) * 255)
+        write_png(output_dir / "overlays" / relative.with_suffix(".png"),
+                  overlay_image(image, result.anomaly_map, result.mask, threshold))
+        rows.append({"path": str(path.relative_to(base)), "score": result.score,
+                     "defective": "yes" if result.mask.any() else "no"})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["path", "score", "defective"])
+    writer.writeheader()
+    writer.writerows({**r, "score": f"{r['score']:.6f}"} for r in rows)
+    atomic_write_text(output_dir / "scores.csv", buffer.getvalue())
+    return rows
