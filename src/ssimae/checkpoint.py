@@ -7,6 +7,7 @@ It is written to a temp file and renamed, so an interrupted save never corrupts 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -62,15 +63,37 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise SsimaeError(f"checkpoint {path} is a folder; pass the checkpoint file, e.g. {path / 'checkpoint.pt'}")
     if not path.is_file():
         raise SsimaeError(f"checkpoint {path} does not exist; train one with `ssimae train`")
+    if path.stat().st_size == 0:
+        raise SsimaeError(f"checkpoint {path} is an empty (zero-byte) file; train again or pick another file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles on stderr before failing on them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise SsimaeError(f"cannot load checkpoint {path}: {str(error).splitlines()[0]}") from None
+        raise SsimaeError(
+            f"cannot load checkpoint {path}: it is damaged or not an ssimae checkpoint ({_load_error_reason(error)}); "
+            "train one with `ssimae train`"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise SsimaeError(f"{path} is not an ssimae checkpoint (format {FORMAT})")
     return state
+
+
+def _load_error_reason(error: Exception) -> str:
+    """The informative part of a torch.load error, on one line.
+
+    A weights-only failure starts with advice to load with weights_only=False, which is wrong for a
+    foreign or damaged file; the reason follows 'WeightsUnpickler error:'. Some errors have no text.
+    """
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 class LoadedModel(NamedTuple):

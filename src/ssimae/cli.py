@@ -1,4 +1,4 @@
-"""Command line: ssimae train | predict | evaluate. The only module that parses argv and prints."""
+"""Command line: ssimae train | predict | evaluate | compare | report. The only module that parses argv and prints."""
 
 from __future__ import annotations
 
@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", "-o", type=Path, required=True)
     evaluate.add_argument("--save-maps", action="store_true", help="also write maps/<defect>/<name>.tiff")
     _add_inference_flags(evaluate)
+
+    compare = commands.add_parser("compare", parents=[common],
+                                  help="train and evaluate several methods with one budget; metrics, curves, HTML report")
+    compare.add_argument("dataset", type=Path, help="MVTec AD category folder with train/good, test/ and ground_truth/")
+    compare.add_argument("--methods", default="ssim-ae,l2-ae,vae,fm-ae", help="comma-separated (default: all four)")
+    compare.add_argument("--checkpoints", help="reuse trained models instead of training: method=path,method=path")
+    compare.add_argument("--output", "-o", type=Path, required=True,
+                         help="folder for runs/<method>/, metrics.{md,csv,json}, roc.png, pro.png, examples/, report.html")
+    add_config_flags(compare, skip=("method",))
+
+    report = commands.add_parser("report", parents=[common], help="rebuild the figures and report.html of a compare run")
+    report.add_argument("run_dir", type=Path, help="the --output folder of `ssimae compare`")
     return parser
 
 
@@ -125,15 +137,38 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate}
+def cmd_compare(args) -> int:
+    from .compare import compare, parse_checkpoints, parse_methods
+    from .report import metrics_markdown
+
+    config = resolve_config(args)
+    methods = parse_methods(args.methods)
+    checkpoints = parse_checkpoints(args.checkpoints, methods)
+    results = compare(config, args.dataset, args.output, methods, checkpoints, progress=not args.quiet,
+                      image_progress=lambda desc: _progress(args, f"evaluate {desc}"))
+    print(metrics_markdown(results), end="")
+    print(f"report: {Path(args.output) / 'report.html'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "compare": cmd_compare,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setLevel(logging.WARNING if args.quiet else logging.INFO)  # filter here: train.log still gets INFO
     log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log.setLevel(logging.INFO)
     log.propagate = False
     try:
         return COMMANDS[args.command](args)

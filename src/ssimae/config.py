@@ -6,7 +6,9 @@ Precedence: dataclass defaults < YAML file (--config) < command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -54,9 +56,11 @@ class Config:
     # --- inference and threshold
     stride: int = 30  # sliding-window stride in pixels (MVTec used 30)
     infer_batch_size: int = 64  # patches per forward pass at inference
+    map_smoothing: float = 0.0  # std (pixels) of a Gaussian applied to anomaly maps; 0 = off, as in the paper
     min_defect_area: int = 25  # MVTec rule: threshold so no validation blob is larger than this (pixels)
     threshold_fpr: float | None = None  # instead: pixel false-positive rate on validation images
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16: auto = bf16 autocast (+ channels_last) on CUDA, fp32 on CPU
 
     def validate(self) -> "Config":
         if self.method not in METHOD_NAMES:
@@ -79,8 +83,23 @@ class Config:
             raise SsimaeError(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.threshold_fpr is not None and not 0 < self.threshold_fpr < 1:
             raise SsimaeError(f"threshold_fpr {self.threshold_fpr} must be in (0, 1)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise SsimaeError(f"precision {self.precision!r} is not auto, fp32 or bf16")
         if self.ssim_window % 2 == 0 or self.ssim_window < 3:
             raise SsimaeError(f"ssim_window {self.ssim_window} must be odd and >= 3")
+        positive = {"lr": self.lr, "ssim_sigma": self.ssim_sigma, "ssim_alpha": self.ssim_alpha,
+                    "ssim_beta": self.ssim_beta, "ssim_gamma": self.ssim_gamma}
+        if self.max_minutes is not None:
+            positive["max_minutes"] = self.max_minutes
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise SsimaeError(f"{name} must be a positive number, got {value}")
+        for name in ("weight_decay", "vae_beta", "fm_lambda", "min_defect_area", "map_smoothing"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise SsimaeError(f"{name} must be >= 0, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise SsimaeError(f"max_steps must be at least 1, got {self.max_steps}")
         parse_image_size(self.image_size)
         return self
 
@@ -113,7 +132,42 @@ def config_from_dict(values: dict, base: Config | None = None, source: str = "se
     unknown = sorted(set(values) - known)
     if unknown:
         raise SsimaeError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {name: _coerce(name, value, source) for name, value in values.items()}
     return dataclasses.replace(base or Config(), **values)
+
+
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _coerce(name: str, value, source: str):
+    """A setting converted to its field's type, e.g. YAML's string '1e-3' (PyYAML reads it so) to a float."""
+    hint = typing.get_type_hints(Config)[name]
+    options = typing.get_args(hint)
+    optional = type(None) in options
+    kind = next((t for t in options if t is not type(None)), hint)
+    if value is None or (optional and kind is not str and str(value).lower() in ("none", "null")):
+        if optional:
+            return None
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _BOOLEANS:
+            return _BOOLEANS[str(value).lower()]
+    elif kind is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+    elif kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is str and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    raise SsimaeError(f"{source}: {name} must be {'' if not optional else 'empty or '}{kind.__name__}, got {value!r}")
 
 
 def load_config(path: str | os.PathLike, base: Config | None = None) -> Config:

@@ -68,6 +68,11 @@ def _pil_to_array(image: Image.Image, path: Path) -> np.ndarray:
     if mode in ("L", "RGB"):
         array = array.astype(np.float32) / 255.0
     elif mode.startswith("I;16") or mode == "I":
+        if array.size and (array.min() < 0 or array.max() > 65535):  # mode I is also 32-bit signed
+            raise SsimaeError(
+                f"integer image {path} has values in [{array.min()}, {array.max()}], outside the 16-bit range "
+                "0..65535; save it as 8/16-bit or as float in [0, 1]"
+            )
         array = array.astype(np.float32) / 65535.0
     elif mode == "F":
         array = array.astype(np.float32)

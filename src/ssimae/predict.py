@@ -58,7 +58,7 @@ class Detector(NamedTuple):
         height, width = image.shape[:2]
         cfg = self.config
         processed = self.preprocess(image)
-        amap = anomaly_map(processed, self.patch_fn, cfg.patch_size, cfg.stride, cfg.infer_batch_size)
+        amap = anomaly_map(processed, self.patch_fn, cfg.patch_size, cfg.stride, cfg.infer_batch_size, cfg.map_smoothing)
         return resize_map(amap, height, width)
 
     def predict(self, image: np.ndarray, threshold: float | None = None) -> Prediction:

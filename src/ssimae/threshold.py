@@ -54,7 +54,10 @@ def fpr_threshold(maps: list[np.ndarray], fpr: float) -> float:
     if not 0 < fpr < 1:
         raise SsimaeError(f"false-positive rate {fpr} must be in (0, 1)")
     values = np.sort(np.concatenate([m.ravel() for m in maps]))
-    index = int(np.ceil((1 - fpr) * len(values))) - 1
+    # At most `allowed` pixels may lie above t. Counting from fpr directly: ceil((1 - fpr) * n)
+    # rounded up on values like 1 - 0.7 = 0.30000000000000004 and gave a threshold one step too high.
+    allowed = int(np.floor(fpr * len(values) + 1e-9))
+    index = len(values) - 1 - allowed
     return float(values[max(index, 0)])
 
 

@@ -7,13 +7,15 @@ training_log.jsonl (one JSON record per epoch: losses, throughput, reconstructio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -23,9 +25,9 @@ from .checkpoint import checkpoint_dict, read_checkpoint, save_checkpoint
 from .config import Config, parse_image_size, save_config
 from .data import find_training_images, load_image, pad_to_min_size, sample_patches
 from .errors import SsimaeError
-from .inference import anomaly_map, torch_patch_fn
+from .inference import anomaly_map, resolve_precision, torch_patch_fn
 from .losses import METHODS, Method, SsimSettings, compute_loss, reconstruction
-from .models import build_model
+from .models import VaeOutput, build_model
 from .threshold import choose_threshold
 
 log = logging.getLogger(__name__)
@@ -104,29 +106,68 @@ def train_one_epoch(
     loss_args: dict,
     progress: tqdm | None = None,
     deadline: float | None = None,
+    prefetch: bool = True,
 ) -> tuple[float, int]:
     """Up to `steps` optimiser steps on fresh random patches; (mean loss, steps done).
 
-    Stops early when time.monotonic() passes `deadline`.
+    Stops early when time.monotonic() passes `deadline`. prefetch samples the next batch in a
+    background thread (same batches; see patch_batches). config.precision 'bf16' (or 'auto' on
+    CUDA) runs the model under bf16 autocast.
     """
     model.train()
+    device = torch.device(device)
+    bf16 = resolve_precision(config.precision, device) == "bf16"
     total, done = 0.0, 0
-    for _ in range(steps):
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        x = sample_patches(images, config.batch_size, config.patch_size, rng, config.rotate, config.flip).to(device)
-        loss = compute_loss(method, model(x), x, **loss_args)
-        if not torch.isfinite(loss):
-            raise SsimaeError(f"training diverged (loss {loss.item()}); lower --lr (now {config.lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-        done += 1
-        if progress is not None:
-            progress.update(config.batch_size)
-            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    with contextlib.closing(patch_batches(images, steps, config, rng, prefetch)) as batches:
+        for x in batches:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            x = x.to(device, non_blocking=True)  # (N, C, P, P)
+            # bf16 autocast covers the network only; the loss (SSIM's variances) is computed in fp32.
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                output = model(x)
+            loss = compute_loss(method, _fp32(output), x, **loss_args)
+            if not torch.isfinite(loss):
+                raise SsimaeError(f"training diverged (loss {loss.item()}); lower --lr (now {config.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            done += 1
+            if progress is not None:
+                progress.update(config.batch_size)
+                progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return total / max(done, 1), done
+
+
+def _fp32(output):
+    """A model output with its tensors in float32 (no-op outside autocast)."""
+    if isinstance(output, VaeOutput):
+        return VaeOutput(*(t.float() for t in output))
+    return output.float()
+
+
+def patch_batches(images: list[np.ndarray], steps: int, config: Config, rng: np.random.Generator,
+                  prefetch: bool = True) -> Iterator[torch.Tensor]:
+    """`steps` batches of random training patches, (B, C, P, P) each.
+
+    With prefetch the next batch is sampled in a background thread while the caller trains on the
+    current one. The same sample_patches calls run on the same rng in the same order, so the
+    batches are identical to sampling inline; stopping early discards at most one sampled batch.
+    """
+    def sample() -> torch.Tensor:
+        return sample_patches(images, config.batch_size, config.patch_size, rng, config.rotate, config.flip)
+
+    if not prefetch:
+        for _ in range(steps):
+            yield sample()
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssimae-patches") as pool:
+        pending = pool.submit(sample) if steps > 0 else None
+        for index in range(steps):
+            batch = pending.result()
+            pending = pool.submit(sample) if index + 1 < steps else None
+            yield batch
 
 
 @torch.no_grad()
@@ -155,8 +196,9 @@ def evaluate_loss(model: torch.nn.Module, method: Method, patches: torch.Tensor,
 
 
 def validation_maps(model, method: Method, images: list[np.ndarray], config: Config, device) -> list[np.ndarray]:
-    patch_fn = torch_patch_fn(model, method, ssim_settings(config), device)
-    return [anomaly_map(im, patch_fn, config.patch_size, config.stride, config.infer_batch_size) for im in images]
+    patch_fn = torch_patch_fn(model, method, ssim_settings(config), device, precision=config.precision)
+    return [anomaly_map(im, patch_fn, config.patch_size, config.stride, config.infer_batch_size, config.map_smoothing)
+            for im in images]
 
 
 def _setup_run_logging(run_dir: Path) -> logging.Handler:
@@ -181,12 +223,17 @@ def fit(
     if not resume and checkpoint_path.exists():
         raise SsimaeError(f"{checkpoint_path} exists; pass --resume to continue it or choose another --output")
     run_dir.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("ssimae")
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # train.log gets the INFO records even when the caller is quiet
     handler = _setup_run_logging(run_dir)
     try:
         return _fit(config, Path(data_root), run_dir, checkpoint_path, previous, progress)
     finally:
-        logging.getLogger("ssimae").removeHandler(handler)
+        logger.removeHandler(handler)
         handler.close()
+        logger.setLevel(old_level)
 
 
 def _resume_state(checkpoint_path: Path, config: Config) -> dict:
@@ -211,7 +258,10 @@ def _fit(config: Config, data_root: Path, run_dir: Path, checkpoint_path: Path, 
     channels = train_images[0].shape[2]
     save_config(config, run_dir / "config.yaml")
 
-    model = build_model(method.model_kind, channels, config.latent_dim, config.patch_size).to(device)
+    # channels_last (NHWC): oneDNN's NHWC kernels train the Table 1 net faster on CPU (bench/speed.py)
+    # and it is the layout CUDA tensor cores want; numerically the same net.
+    model = build_model(method.model_kind, channels, config.latent_dim, config.patch_size)
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, epoch, seconds, history = 0, 0, 0.0, []
     if previous is not None:
@@ -246,6 +296,8 @@ def _fit(config: Config, data_root: Path, run_dir: Path, checkpoint_path: Path, 
             steps = min(steps_per_epoch, total_steps - step)
             loss, done = train_one_epoch(model, method, optimizer, train_images, steps, config, rng, device,
                                          loss_args, bar, deadline)
+            if done == 0:  # the time budget ran out before this epoch's first step
+                break
             step += done
             elapsed = time.monotonic() - started
             seconds += elapsed

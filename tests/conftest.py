@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny on-disk MVTec-layout category and a tiny trained checkpoint.
+
+Both are session-scoped: built once, reused read-only by every test that needs them.
+Tests that write must copy or write to their own tmp_path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssimae.config import Config
+
+# The test machine's 2 cores are shared: with 2 intra-op threads each torch op waits on a busy
+# sibling thread, and the training tests ran 10-20x slower than with one.
+torch.set_num_threads(1)
+
+# (height, width) per image: sizes differ per image, all a little above the 128 patch.
+TRAIN_SIZES = [(140, 150), (150, 140), (160, 170), (145, 165), (170, 155), (155, 160)]
+GOOD_TEST_SIZES = [(144, 152), (150, 150)]
+SCRATCH_TEST_SIZES = [(148, 160), (160, 142)]
+
+
+def texture(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A gray (H, W) uint8 texture: a random-phase grating plus noise, values well inside 0..255."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    base = 0.5 + 0.2 * np.sin(2 * np.pi * (x + 0.5 * y) / 12 + phase)
+    base += 0.05 * rng.standard_normal((height, width))
+    return (np.clip(base, 0, 1) * 200 + 20).astype(np.uint8)
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def build_mvtec(root: Path, seed: int = 0) -> Path:
+    """train/good (6), test/good (2), test/scratch (2, bright lines) and ground_truth/scratch masks."""
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(TRAIN_SIZES):
+        write_png(root / "train" / "good" / f"{i:03d}.png", texture(h, w, rng))
+    for i, (h, w) in enumerate(GOOD_TEST_SIZES):
+        write_png(root / "test" / "good" / f"{i:03d}.png", texture(h, w, rng))
+    for i, (h, w) in enumerate(SCRATCH_TEST_SIZES):
+        image = texture(h, w, rng)
+        mask = np.zeros((h, w), dtype=np.uint8)
+        row = 30 + 20 * i
+        image[row : row + 3, 20 : w - 20] = 255
+        mask[row : row + 3, 20 : w - 20] = 255
+        write_png(root / "test" / "scratch" / f"{i:03d}.png", image)
+        write_png(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+def tiny_config(**overrides) -> Config:
+    """Settings for a seconds-long CPU training: 2 steps of 4 patches, small latent, coarse stride."""
+    values = dict(max_steps=2, batch_size=4, patches_per_epoch=8, latent_dim=8, infer_batch_size=8, stride=64,
+                  device="cpu")
+    values.update(overrides)
+    return Config(**values)
+
+
+# Flags equivalent to tiny_config() for `ssimae train`.
+TINY_FLAGS = ["--max-steps", "2", "--batch-size", "4", "--patches-per-epoch", "8", "--latent-dim", "8",
+              "--infer-batch-size", "8", "--stride", "64", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _few_validation_patches():
+    """Training computes a validation loss on 256 fixed patches per epoch: seconds of CPU per fit
+    on this shared machine. 16 exercise the same code."""
+    import ssimae.train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ssimae.train, "VALIDATION_PATCHES", 16, raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def mvtec_root(tmp_path_factory) -> Path:
+    """A read-only tiny MVTec AD category on disk."""
+    return build_mvtec(tmp_path_factory.mktemp("mvtec") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, mvtec_root) -> Path:
+    """A run folder with a tiny trained ssim-ae checkpoint (2 steps); do not write into it."""
+    from ssimae.train import fit
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    fit(tiny_config(), mvtec_root, run_dir, progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path(trained_run) -> Path:
+    return trained_run / "checkpoint.pt"

@@ -1,0 +1,147 @@
+"""Threshold rules on hand-built validation maps. A pixel is defective when its score is > t."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ssimae.errors import SsimaeError
+from ssimae.threshold import choose_threshold, fpr_threshold, largest_component, min_area_threshold
+
+
+def _two_blobs() -> np.ndarray:
+    """Background 0.1; a 30-px blob (5x6) at 0.9 and a 10-px blob (2x5) at 0.8, far apart."""
+    m = np.full((30, 30), 0.1, dtype=np.float32)
+    m[2:7, 2:8] = 0.9
+    m[20:22, 20:25] = 0.8
+    return m
+
+
+def test_brief_case_two_blobs():
+    maps = [_two_blobs()]
+    # t = 0.8 still marks the 0.9 blob (0.9 > 0.8): 30 px > 20, so the smallest valid t is 0.9
+    # (nothing marked). t = 0.1 marks both blobs: largest 30 px.
+    assert min_area_threshold(maps, 20) == pytest.approx(0.9)
+    assert min_area_threshold(maps, 29) == pytest.approx(0.9)
+    assert min_area_threshold(maps, 30) == pytest.approx(0.1)
+    assert min_area_threshold(maps, 40) == pytest.approx(0.1)
+    assert min_area_threshold(maps, 0) == pytest.approx(0.9)
+
+
+def _three_levels() -> np.ndarray:
+    """Background 0.1; blobs of 30 px at 0.5, 20 px at 0.8, 10 px at 0.9: bigger blobs score lower."""
+    m = np.full((40, 40), 0.1, dtype=np.float32)
+    m[2:7, 2:8] = 0.5  # 30 px
+    m[15:19, 15:20] = 0.8  # 20 px
+    m[30:32, 30:35] = 0.9  # 10 px
+    return m
+
+
+@pytest.mark.parametrize(
+    "area, expected",
+    [(100, 0.1), (30, 0.1), (29, 0.5), (20, 0.5), (19, 0.8), (10, 0.8), (9, 0.9), (0, 0.9)],
+)
+def test_min_area_threshold_levels(area, expected):
+    # At t = 0.5 the 0.5 blob itself is not marked (0.5 is not > 0.5): largest component 20 px.
+    assert min_area_threshold([_three_levels()], area) == pytest.approx(expected)
+
+
+def _brute_force(maps, area):
+    for t in np.unique(np.concatenate([m.ravel() for m in maps])):
+        if max(largest_component(m > t) for m in maps) <= area:
+            return float(t)
+    raise AssertionError("the maximum always satisfies the rule")
+
+
+@pytest.mark.parametrize("area", [0, 5, 20, 40, 400])
+def test_min_area_threshold_on_noise_is_the_smallest_valid_value(area):
+    rng = np.random.default_rng(area)
+    maps = []
+    for shape in [(24, 30), (28, 22)]:
+        m = (rng.random(shape) * 0.1).astype(np.float32)
+        m[3:8, 3:9] += 0.9  # a 30-px blob at ~0.9-1.0 in each map
+        maps.append(m)
+    t = min_area_threshold(maps, area)
+    assert max(largest_component(m > t) for m in maps) <= area
+    candidates = np.unique(np.concatenate([m.ravel() for m in maps]))
+    below = candidates[candidates < t]
+    if below.size:  # the next smaller candidate violates the rule
+        assert max(largest_component(m > below[-1]) for m in maps) > area
+    assert t == _brute_force(maps, area)
+
+
+def test_components_are_eight_connected():
+    m = np.zeros((8, 8), dtype=np.float32)
+    for i in range(5):
+        m[1 + i, 1 + i] = 0.9  # a diagonal line: one 8-connected component of 5, five 4-connected singles
+    assert largest_component(m > 0) == 5
+    assert min_area_threshold([m], 4) == pytest.approx(0.9)  # 4-connectivity would give 0.0
+    assert min_area_threshold([m], 5) == pytest.approx(0.0)
+
+
+def test_components_do_not_join_across_maps():
+    a = np.zeros((10, 10), dtype=np.float32)
+    a[0:3, 5:10] = 1.0  # 15 px at the right edge
+    b = np.zeros((10, 10), dtype=np.float32)
+    b[0:3, 0:5] = 1.0  # 15 px at the left edge: 30 px if the maps were concatenated side by side
+    assert min_area_threshold([a, b], 20) == pytest.approx(0.0)
+    assert min_area_threshold([a, b], 14) == pytest.approx(1.0)
+
+
+def test_largest_component_counts():
+    assert largest_component(np.zeros((5, 5), dtype=bool)) == 0
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[0, 0:3] = True
+    mask[4:6, 4:6] = True
+    assert largest_component(mask) == 4
+
+
+def _smallest_valid_fpr_threshold(values, fpr):
+    for t in np.unique(values):
+        if (values > t).mean() <= fpr:
+            return float(t)
+
+
+@pytest.mark.parametrize("n", [1000, 997, 10])
+@pytest.mark.parametrize("fpr", [0.01, 0.05, 0.1, 0.25, 0.3, 1 / 3, 0.5, 0.7, 0.9])
+def test_fpr_threshold_on_a_uniform_ramp(n, fpr):
+    ramp = np.arange(n, dtype=np.float64) / n
+    maps = [ramp[: n // 2].reshape(1, -1), ramp[n // 2 :].reshape(1, -1)]  # split over two maps
+    t = fpr_threshold(maps, fpr)
+    assert (ramp > t).mean() <= fpr
+    assert t == _smallest_valid_fpr_threshold(ramp, fpr)  # and one step lower exceeds the rate
+
+
+def test_fpr_threshold_hand_case():
+    ramp = [np.arange(100, dtype=np.float32).reshape(10, 10) / 100]
+    assert fpr_threshold(ramp, 0.1) == pytest.approx(0.89)  # 10 pixels (0.90 .. 0.99) above
+    assert fpr_threshold(ramp, 0.7) == pytest.approx(0.29)  # 70 pixels above
+
+
+def test_fpr_threshold_with_ties():
+    m = np.array([[0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    assert fpr_threshold([m], 0.1) == 1.0  # nothing is above the maximum
+    assert fpr_threshold([m], 0.6) == 0.0  # 6 of 10 above 0
+
+
+@pytest.mark.parametrize("rule", [lambda maps: min_area_threshold(maps, 25), lambda maps: fpr_threshold(maps, 0.01)])
+def test_empty_map_list_is_a_user_error(rule):
+    with pytest.raises(SsimaeError, match="validation"):
+        rule([])
+
+
+def test_bad_settings_are_user_errors():
+    maps = [np.zeros((4, 4), dtype=np.float32)]
+    with pytest.raises(SsimaeError, match="min_defect_area"):
+        min_area_threshold(maps, -1)
+    for fpr in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(SsimaeError, match="false-positive rate"):
+            fpr_threshold(maps, fpr)
+
+
+def test_choose_threshold_dispatches_on_the_configured_rule():
+    maps = [_three_levels()]
+    t, rule = choose_threshold(maps, 20, None)
+    assert t == pytest.approx(0.5) and "area 20" in rule
+    t, rule = choose_threshold(maps, 20, 0.01)  # at most 16 of 1600 px above: 0.8 leaves 10, 0.5 leaves 30
+    assert t == pytest.approx(0.8) and "FPR" in rule
