@@ -1,0 +1,99 @@
+"""report.py on hand-made saved results (no training): tables, figures with missing methods, errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssimae.compare import save_npz
+from ssimae.errors import SsimaeError
+from ssimae.report import FORMAT, load_results, metrics_csv, metrics_markdown, write_report
+
+HEADLINE = {"pixel_auroc": 0.9, "au_pro": 0.5, "image_auroc": None, "pixel_f1_max": 0.25}
+
+
+def fake_run(root: Path, methods: list[str], example_keys: tuple[str, ...] = ()) -> Path:
+    """A compare output folder with the files write_report reads, for `methods`."""
+    rng = np.random.default_rng(0)
+    results, curves = {}, {}
+    for method in methods:
+        pick = {"path": "crack/000.png", "defect_type": "crack", "score": 0.5, "pixel_auroc": 0.8, "iou": 0.1,
+                "file": f"examples/data/{method}_best_1.npz"}
+        save_npz(root / pick["file"], input=rng.integers(0, 255, (20, 30, 3), dtype=np.uint8),
+                 overlay=rng.integers(0, 255, (20, 30, 3), dtype=np.uint8), ground_truth=np.eye(20, 30, dtype=bool))
+        results[method] = {
+            "metrics": {**HEADLINE, "images": 5, "good_images": 2,
+                        "per_defect_type": {"crack": {**HEADLINE, "images": 3}}},
+            "training": {"seconds": 150.0, "steps": 7, "epochs": 1, "checkpoint": "x.pt", "reused": False,
+                         "threshold": 0.1, "fidelity_corr": 0.01, "detail_ratio": 0.2},
+            "evaluation_seconds": 1.0, "per_image": [], "picks": {"best": [pick], "worst": []},
+        }
+        curves[f"{method}.roc_fpr"] = curves[f"{method}.roc_tpr"] = np.linspace(0, 1, 50)
+        curves[f"{method}.pro_fpr"], curves[f"{method}.pro_value"] = np.linspace(0, 0.3, 20), np.linspace(0, 0.9, 20)
+    examples = []
+    if example_keys:
+        arrays = {"input": rng.integers(0, 255, (40, 60, 3), dtype=np.uint8), "ground_truth": np.eye(40, 60, dtype=bool)}
+        for key in example_keys:
+            arrays[key] = (rng.integers(0, 255, (40, 60, 1), dtype=np.uint8) if key.endswith("reconstruction")
+                           else rng.random((40, 60)) > 0.5 if key.endswith("segmentation")
+                           else rng.random((40, 60)).astype(np.float16))
+        save_npz(root / "examples/data/example_1_best.npz", **arrays)
+        examples.append({"rank": "best", "ranked_by": methods[0], "path": "crack/000.png", "defect_type": "crack",
+                         "pixel_auroc": 0.8, "file": "examples/data/example_1_best.npz",
+                         "figure": "examples/1_best_000.png"})
+    saved = {"format": FORMAT, "version": "test", "dataset": "data/<tiny>", "methods": methods, "fpr_limit": 0.3,
+             "settings": {"epochs": 200, "max_steps": 7, "max_minutes": None, "patch_size": 128},
+             "results": results, "examples": examples}
+    (root / "metrics.json").write_text(json.dumps(saved))
+    save_npz(root / "curves.npz", **curves)
+    return root
+
+
+def test_markdown_and_csv_tables(tmp_path):
+    results, _ = load_results(fake_run(tmp_path, ["ssim-ae", "vae"]))
+    markdown = metrics_markdown(results)
+    assert "| ssim-ae | 0.9000 | 0.5000 | n/a | 0.2500 | 2.5 min | 7 |" in markdown
+    assert "| crack | 3 | vae | 0.9000 | 0.5000 | n/a | 0.2500 |" in markdown
+    lines = metrics_csv(results).splitlines()
+    assert lines[0] == "method,subset,images,pixel_auroc,au_pro,image_auroc,pixel_f1_max,training_seconds,steps"
+    assert lines[1] == "ssim-ae,all,5,0.900000,0.500000,,0.250000,150.0,7"
+    assert lines[2] == "ssim-ae,crack,3,0.900000,0.500000,,0.250000,,"
+    assert len(lines) == 5
+
+
+def test_only_l2_draws_the_l2_columns_without_the_ssim_row(tmp_path):
+    run = fake_run(tmp_path / "l2", ["l2-ae"], ("l2_reconstruction", "l2_residual", "l2_segmentation"))
+    both = fake_run(tmp_path / "both", ["ssim-ae", "l2-ae"], (
+        "l2_reconstruction", "l2_residual", "l2_segmentation", "ssim_reconstruction", "ssim_residual",
+        "ssim_segmentation", "ssim_luminance", "ssim_contrast", "ssim_structure"))
+    write_report(run)
+    write_report(both)
+    with Image.open(run / "examples/1_best_000.png") as one, Image.open(both / "examples/1_best_000.png") as two:
+        assert one.width < two.width and one.height < two.height  # 5 columns, 1 row vs 8 columns, 2 rows
+    page = (run / "report.html").read_text()
+    assert "L2 versus SSIM" in page and 'class="warn"' in page  # fidelity 0.01 is flagged
+
+
+def test_report_without_paper_methods_has_no_comparison_rows(tmp_path):
+    run = fake_run(tmp_path, ["vae", "fm-ae"])
+    page = write_report(run).read_text()
+    assert "L2 versus SSIM" not in page and "fm-ae" in page
+    assert not list(run.glob("examples/*.png"))
+
+
+def test_an_evaluate_metrics_file_is_not_a_compare_result(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"pixel_auroc": 0.9}))
+    with pytest.raises(SsimaeError, match="is not the result of `ssimae compare`"):
+        write_report(tmp_path)
+
+
+def test_missing_saved_files_are_named(tmp_path):
+    run = fake_run(tmp_path, ["ssim-ae"])
+    (run / "examples/data/ssim-ae_best_1.npz").unlink()
+    with pytest.raises(SsimaeError, match="ssim-ae_best_1.npz is missing"):
+        write_report(run)
+    (run / "curves.npz").unlink()
+    with pytest.raises(SsimaeError, match="no curves.npz"):
+        write_report(run)
