@@ -136,9 +136,11 @@ def test_output_is_sigmoid_in_unit_interval():
 def _fan_in(module: nn.Module) -> int:
     k = module.kernel_size[0] * module.kernel_size[1]
     if isinstance(module, nn.ConvTranspose2d):
-        # PyTorch's kaiming_normal_ reads fan_in from weight dim 1, which for a transposed conv
-        # (weight (in, out, k, k)) is the number of output channels.
-        return module.out_channels * k
+        # Inputs reaching one output pixel: in_channels * (k / stride)^2; the first decoder layer
+        # reads a 1x1 latent, so each output pixel sees in_channels values.
+        if module.stride[0] == 1 and module.padding[0] == 0:
+            return module.in_channels
+        return module.in_channels * (module.kernel_size[0] // module.stride[0]) ** 2
     return module.in_channels * k
 
 

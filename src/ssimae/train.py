@@ -32,6 +32,10 @@ from .threshold import choose_threshold
 
 log = logging.getLogger(__name__)
 
+# With a pure SSIM loss the Table 1 net drops all output variance within ~25 steps (a flat image
+# maximises SSIM's structure term against an uncorrelated reconstruction) and needs hundreds of
+# steps to leave that state; a short L2 warm-up first teaches it brightness and coarse structure.
+L2_WARMUP = METHODS["l2-ae"]
 VALIDATION_PATCHES = 256  # fixed, seeded validation patches for the per-epoch validation loss
 # Settings that change the model or its input: a resumed run must keep them.
 MODEL_SHAPING = ("method", "latent_dim", "patch_size", "color", "image_size")
@@ -107,6 +111,7 @@ def train_one_epoch(
     progress: tqdm | None = None,
     deadline: float | None = None,
     prefetch: bool = True,
+    first_step: int = 0,
 ) -> tuple[float, int]:
     """Up to `steps` optimiser steps on fresh random patches; (mean loss, steps done).
 
@@ -126,7 +131,8 @@ def train_one_epoch(
             # bf16 autocast covers the network only; the loss (SSIM's variances) is computed in fp32.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 output = model(x)
-            loss = compute_loss(method, _fp32(output), x, **loss_args)
+            warming_up = first_step + done < config.l2_warmup_steps
+            loss = compute_loss(L2_WARMUP if warming_up else method, _fp32(output), x, **loss_args)
             if not torch.isfinite(loss):
                 raise SsimaeError(f"training diverged (loss {loss.item()}); lower --lr (now {config.lr})")
             optimizer.zero_grad(set_to_none=True)
@@ -295,7 +301,7 @@ def _fit(config: Config, data_root: Path, run_dir: Path, checkpoint_path: Path, 
             rng = np.random.default_rng([config.seed, 0, epoch])  # per-epoch stream: resumable
             steps = min(steps_per_epoch, total_steps - step)
             loss, done = train_one_epoch(model, method, optimizer, train_images, steps, config, rng, device,
-                                         loss_args, bar, deadline)
+                                         loss_args, bar, deadline, first_step=step)
             if done == 0:  # the time budget ran out before this epoch's first step
                 break
             step += done
