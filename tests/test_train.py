@@ -150,3 +150,28 @@ def test_time_budget_stops_training(mvtec_root, tmp_path):
     result = fit(tiny_config(max_steps=None, max_minutes=1e-4), mvtec_root, tmp_path / "run", progress=False)
     assert result.steps <= 2
     assert read_checkpoint(result.checkpoint)["training"]["complete"] is True
+
+
+def test_l2_warmup_trains_with_the_l2_loss_then_switches(mvtec_root, tmp_path):
+    # With the warm-up covering every step, an ssim-ae run must follow exactly the l2-ae run of the
+    # same seed; with a one-step warm-up the second step's loss must differ from it (SSIM, not L2).
+    def losses(method, warmup, name):
+        run = fit(tiny_config(method=method, l2_warmup_steps=warmup, patches_per_epoch=4), mvtec_root,
+                  tmp_path / name, progress=False)
+        return [record["loss"] for record in run.history]
+
+    l2 = losses("l2-ae", 0, "l2")
+    assert losses("ssim-ae", 2, "warm-all") == pytest.approx(l2, rel=1e-6)
+    partly = losses("ssim-ae", 1, "warm-one")
+    assert partly[0] == pytest.approx(l2[0], rel=1e-6)
+    assert partly[1] != pytest.approx(l2[1], rel=1e-3)
+
+
+def test_presets_apply_under_flags():
+    from ssimae.config import PRESETS, preset_config
+
+    tuned = preset_config("tuned")
+    assert (tuned.l2_warmup_steps, tuned.map_smoothing) == (PRESETS["tuned"]["l2_warmup_steps"], 4.0)
+    assert preset_config("paper") == preset_config(None)
+    with pytest.raises(SsimaeError, match="unknown preset 'fast'"):
+        preset_config("fast")
