@@ -171,7 +171,7 @@ def test_presets_apply_under_flags():
     from ssimae.config import PRESETS, preset_config
 
     tuned = preset_config("tuned")
-    assert (tuned.l2_warmup_steps, tuned.map_smoothing) == (PRESETS["tuned"]["l2_warmup_steps"], 4.0)
+    assert (tuned.l2_warmup_steps, tuned.map_smoothing) == (PRESETS["tuned"]["l2_warmup_steps"], 2.0)
     assert preset_config("paper") == preset_config(None)
     with pytest.raises(SsimaeError, match="unknown preset 'fast'"):
         preset_config("fast")

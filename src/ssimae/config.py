@@ -20,12 +20,14 @@ from .files import atomic_write_text
 METHOD_NAMES = ("ssim-ae", "l2-ae", "vae", "fm-ae")  # the methods of losses.METHODS
 
 # Named bundles of settings, applied over the defaults and under a YAML file and flags.
-# "paper" is the paper's and the MVTec protocol's settings (the defaults). "tuned" adds what
-# measurably helped short CPU budgets (README, Results): an L2 warm-up so the SSIM-trained net does
-# not sit in a flat-output state, and Gaussian smoothing of the anomaly maps against texture noise.
+# "paper" is the paper's and the MVTec protocol's settings (the defaults). "tuned" adds what helped
+# short CPU budgets (README, Results): an L2 warm-up, without which the SSIM-trained net sat in a
+# flat-output state (input/reconstruction correlation 0.01 after 400 steps on magnetic_tile, 0.91
+# with it), and a sigma-2 Gaussian on the maps (sigma 2 raised pixel ROC AUC and AU-PRO of both
+# paper-preset models there; sigma 4 and 8 lowered AU-PRO).
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "tuned": {"l2_warmup_steps": 100, "map_smoothing": 4.0},
+    "tuned": {"l2_warmup_steps": 100, "map_smoothing": 2.0},
 }
 
 
