@@ -1,4 +1,4 @@
-"""Command line: ssimae train | predict | evaluate | compare | report. The only module that parses argv and prints."""
+"""Command line: ssimae train | predict | evaluate | compare | report | export. The only module that parses argv and prints."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import __version__
-from .config import Config, config_from_dict, load_config
+from .config import PRESETS, Config, config_from_dict, load_config, preset_config
 from .errors import SsimaeError
 
 log = logging.getLogger("ssimae")
@@ -43,10 +43,14 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         else:
             group.add_argument(flag, dest=field.name, type=base, default=None, help=text, metavar=base.__name__.upper())
     group.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    group.add_argument("--preset", choices=sorted(PRESETS),
+                       help="named settings under --config and flags: paper (the defaults) or tuned")
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    config = load_config(args.config) if getattr(args, "config", None) else Config()
+    config = preset_config(getattr(args, "preset", None))
+    if getattr(args, "config", None):
+        config = load_config(args.config, config)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
     return config_from_dict(overrides, config, source="command line").validate()
@@ -90,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", parents=[common], help="rebuild the figures and report.html of a compare run")
     report.add_argument("run_dir", type=Path, help="the --output folder of `ssimae compare`")
+
+    export = commands.add_parser("export", parents=[common],
+                                 help="ONNX model: patches -> reconstruction and residual map, settings in its metadata")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("--output", "-o", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default: 17)")
     return parser
 
 
@@ -97,6 +107,12 @@ def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, help="sliding-window stride (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, help="patches per forward pass (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="run patches with PyTorch or ONNX Runtime; onnxruntime also takes an exported .onnx "
+                             "file as the checkpoint (default: torch)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                        help="torch backend: bf16 autocast for the network (auto = bf16 on CUDA, fp32 on CPU; "
+                             "default: the checkpoint's setting)")
 
 
 def _progress(args, desc: str):
@@ -119,7 +135,7 @@ def cmd_train(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import load_detector, predict_folder
 
-    detector = load_detector(args.checkpoint, args.device, args.stride, args.batch_size)
+    detector = load_detector(args.checkpoint, args.device, args.stride, args.batch_size, args.backend, args.precision)
     rows = predict_folder(detector, args.input, args.output, args.threshold, _progress(args, "predict"))
     defective = sum(r["defective"] == "yes" for r in rows)
     print(f"{len(rows)} image(s), {defective} defective; maps, masks, overlays and scores.csv in {args.output}")
@@ -130,7 +146,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table
     from .predict import load_detector
 
-    detector = load_detector(args.checkpoint, args.device, args.stride, args.batch_size)
+    detector = load_detector(args.checkpoint, args.device, args.stride, args.batch_size, args.backend, args.precision)
     metrics = evaluate(detector, args.dataset, args.output, _progress(args, "evaluate"), args.save_maps)
     print(format_table(metrics))
     print(f"metrics: {Path(args.output) / 'metrics.json'}")
@@ -158,8 +174,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_onnx, read_metadata
+
+    path = export_onnx(args.checkpoint, args.output, args.opset)
+    meta = read_metadata(path)
+    print(f"exported {meta['method']} ({meta['color']}, patch {meta['patch_size']}, stride {meta['stride']}, "
+          f"threshold {meta['threshold'] or 'none'}) to {path}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "compare": cmd_compare,
-            "report": cmd_report}
+            "report": cmd_report, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,23 +98,41 @@ def torch_patch_fn(
     kernels ran the Table 1 net about 1.4x faster than NCHW on the 2-core CPU (bench/speed.py),
     and NHWC is the layout CUDA tensor cores want. precision 'bf16' (or 'auto' on CUDA) runs the
     model under bf16 autocast; the reconstruction is cast back and the residual computed in fp32.
+    On CPU the patches go through in micro-batches of INFER_MICRO_BATCH.
     """
     model.eval()
     model.to(memory_format=torch.channels_last)
     device = torch.device(device)
     bf16 = resolve_precision(precision, device) == "bf16"
 
-    @torch.inference_mode()
-    def patch_fn(patches: torch.Tensor) -> torch.Tensor:
-        x = patches.to(device, non_blocking=True)  # (N, C, P, P)
+    def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             output = model(x.contiguous(memory_format=torch.channels_last))
-        x_hat = reconstruction(output).float().contiguous()  # (N, C, P, P), fp32, NCHW
+        x_hat = reconstruction(output).float().contiguous()  # (n, C, P, P), fp32, NCHW
         if outputs == "reconstruction":
             return x_hat
         return residual_map(method.residual, x, x_hat, ssim)
 
+    @torch.inference_mode()
+    def patch_fn(patches: torch.Tensor) -> torch.Tensor:
+        x = patches.to(device, non_blocking=True)  # (N, C, P, P)
+        return in_micro_batches(run, x, INFER_MICRO_BATCH if device.type == "cpu" else len(x))
+
     return patch_fn
+
+
+# Patches per forward pass on CPU, whatever the caller's batch: measured on the 2-core CPU
+# (bench/speed.py, infer section) 8-32 patches ran about 1.3x faster than 64-128 (the first and last
+# layers' activations of 128 patches, 64 MB, spill the 32 MB L3 cache); the caller's batch size
+# still sets how many windows are cut out of the image at a time.
+INFER_MICRO_BATCH = 32
+
+
+def in_micro_batches(fn: PatchFn, patches: torch.Tensor, size: int) -> torch.Tensor:
+    """fn applied to consecutive slices of at most `size` patches, results concatenated."""
+    if len(patches) <= size:
+        return fn(patches)
+    return torch.cat([fn(part) for part in patches.split(size)])
 
 
 def anomaly_map(image: np.ndarray, patch_fn: PatchFn, patch_size: int, stride: int, batch_size: int = 64,

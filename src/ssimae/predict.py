@@ -14,6 +14,7 @@ import csv
 import io
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -69,18 +70,43 @@ class Detector(NamedTuple):
         return Prediction(amap, amap > threshold, float(amap.max()))
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 def load_detector(checkpoint: str | os.PathLike, device: str = "auto", stride: int | None = None,
-                  batch_size: int | None = None) -> Detector:
-    """A Detector from a checkpoint, optionally with another stride or inference batch size."""
-    model, config, state = load_model(checkpoint)
+                  batch_size: int | None = None, backend: str = "torch", precision: str | None = None) -> Detector:
+    """A Detector from a checkpoint (or, with backend 'onnxruntime', an exported .onnx file),
+    optionally with another stride, inference batch size or precision (torch backend only).
+
+    Both backends feed the same sliding window; their maps agree within 1e-4 (tests/test_export.py).
+    """
+    if backend not in BACKENDS:
+        raise SsimaeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    is_onnx = Path(checkpoint).suffix.lower() == ".onnx"
+    if is_onnx and backend != "onnxruntime":
+        raise SsimaeError(f"{checkpoint} is an ONNX model; run it with --backend onnxruntime, or pass the checkpoint")
+    torch_device = resolve_device(device)
+    if backend == "onnxruntime":
+        from .export import load_onnx, onnx_from_checkpoint, onnxruntime_patch_fn
+
+        loaded = load_onnx(checkpoint, torch_device) if is_onnx else onnx_from_checkpoint(checkpoint, torch_device)
+        config, threshold, channels = loaded.config, loaded.threshold, loaded.channels
+        patch_fn = onnxruntime_patch_fn(loaded.session)
+    else:
+        model, config, state = load_model(checkpoint)
+        threshold, channels = state["threshold"], state["model_kwargs"]["channels"]
+        patch_fn = None
     if stride is not None:
         config.stride = stride
     if batch_size is not None:
         config.infer_batch_size = batch_size
+    if precision is not None:
+        config.precision = precision
     config.validate()
-    torch_device = resolve_device(device)
-    patch_fn = torch_patch_fn(model.to(torch_device), METHODS[config.method], ssim_settings(config), torch_device)
-    return Detector(patch_fn, config, state["threshold"], state["model_kwargs"]["channels"])
+    if patch_fn is None:
+        patch_fn = torch_patch_fn(model.to(torch_device), METHODS[config.method], ssim_settings(config), torch_device,
+                                  precision=config.precision)
+    return Detector(patch_fn, config, threshold, channels)
 
 
 def input_images(source: str | os.PathLike) -> tuple[list[Path], Path]:
@@ -106,29 +132,56 @@ def warn_colour_mismatch(image: np.ndarray, detector: Detector, path: Path, warn
                     detector.config.color, native, detector.config.color)
 
 
+OVERLAY_ROWS = 256  # rows per overlay strip: float temporaries stay ~100 MB even for 8192-px-wide images
+
+
 def overlay_image(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, threshold: float | None) -> np.ndarray:
     """(H, W, 3) uint8: the image, a jet heat map blended by anomaly score, the mask contour in red.
 
     The heat map is scaled to [0, 2 * threshold] so colours mean the same thing on every image.
+    Computed in strips of OVERLAY_ROWS rows (pixel-for-pixel the same as in one piece): the
+    whole-image float64 colour map alone took 2 GB for an 8192x8192 image.
     """
-    rgb = to_color(image, "rgb")
     top = 2 * threshold if threshold else float(amap.max()) or 1.0
-    heat = colormaps["jet"](np.clip(amap / top, 0, 1))[:, :, :3].astype(np.float32)  # (H, W, 3)
-    blended = 0.6 * rgb + 0.4 * heat
-    contour = mask & ~ndimage.binary_erosion(mask, iterations=1, border_value=0)
-    contour = ndimage.binary_dilation(contour, iterations=1) if min(mask.shape) >= 256 else contour
-    blended[contour] = (1.0, 0.0, 0.0)
-    return (np.clip(blended, 0, 1) * 255).round().astype(np.uint8)
+    thick = min(mask.shape) >= 256
+    height = mask.shape[0]
+    halo = 2  # the contour (erosion, then dilation) of a row depends on 2 rows either side
+    out = np.empty(mask.shape + (3,), dtype=np.uint8)  # (H, W, 3)
+    for start in range(0, height, OVERLAY_ROWS):
+        stop = min(start + OVERLAY_ROWS, height)
+        low, high = max(0, start - halo), min(height, stop + halo)
+        part = mask[low:high]
+        contour = part & ~ndimage.binary_erosion(part, iterations=1, border_value=0)
+        contour = ndimage.binary_dilation(contour, iterations=1) if thick else contour
+        rgb = to_color(image[start:stop], "rgb")
+        heat = colormaps["jet"](np.clip(amap[start:stop] / top, 0, 1))[:, :, :3].astype(np.float32)  # (h, W, 3)
+        blended = 0.6 * rgb + 0.4 * heat
+        blended[contour[start - low : stop - low]] = (1.0, 0.0, 0.0)
+        out[start:stop] = (np.clip(blended, 0, 1) * 255).round().astype(np.uint8)
+    return out
 
 
 def write_tiff(path: Path, amap: np.ndarray) -> None:
     with atomic_path(path) as tmp:
-        Image.fromarray(amap.astype(np.float32), mode="F").save(tmp, format="TIFF")
+        Image.fromarray(np.asarray(amap, dtype=np.float32), mode="F").save(tmp, format="TIFF")  # no extra copy
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+def write_outputs(output_dir: Path, relative: Path, image: np.ndarray, result: Prediction, threshold: float) -> None:
+    """maps/REL.tiff, masks/REL.png and overlays/REL.png of one image."""
+    write_tiff(output_dir / "maps" / relative.with_suffix(".tiff"), result.anomaly_map)
+    write_png(output_dir / "masks" / relative.with_suffix(".png"), result.mask.astype(np.uint8) * 255)
+    write_png(output_dir / "overlays" / relative.with_suffix(".png"),
+              overlay_image(image, result.anomaly_map, result.mask, threshold))
+
+
+# Above this many pixels predict_folder reads, computes and writes one image at a time: three
+# 8192x8192 images in flight would pass 2 GB. Below it the overlap's extra memory is small.
+OVERLAP_MAX_PIXELS = 4096 * 4096
 
 
 def predict_folder(
@@ -137,25 +190,44 @@ def predict_folder(
     output_dir: str | os.PathLike,
     threshold: float | None = None,
     progress: Callable | None = None,
+    overlap: bool = True,
 ) -> list[dict]:
-    """Predict every image under `source`; write maps, masks, overlays and scores.csv."""
+    """Predict every image under `source`; write maps, masks, overlays and scores.csv.
+
+    With overlap, one thread reads the next image and another writes the previous image's outputs
+    while the current one is computed (same files; see bench/speed.py for the gain). Images over
+    OVERLAP_MAX_PIXELS are done one at a time, so memory stays that of one image.
+    """
     paths, base = input_images(source)
     threshold = detector.threshold if threshold is None else threshold
     if threshold is None:
         raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
     output_dir = Path(output_dir)
     rows, warned = [], set()
-    for path in progress(paths) if progress else paths:
-        image = read_image(path)
-        warn_colour_mismatch(image, detector, path, warned)
-        result = detector.predict(image, threshold)
-        relative = path.relative_to(base).with_suffix("")
-        write_tiff(output_dir / "maps" / relative.with_suffix(".tiff"), result.anomaly_map)
-        write_png(output_dir / "masks" / relative.with_suffix(".png"), result.mask.astype(np.uint8) * 255)
-        write_png(output_dir / "overlays" / relative.with_suffix(".png"),
-                  overlay_image(image, result.anomaly_map, result.mask, threshold))
-        rows.append({"path": str(path.relative_to(base)), "score": result.score,
-                     "defective": "yes" if result.mask.any() else "no"})
+    with ThreadPoolExecutor(1, thread_name_prefix="ssimae-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="ssimae-write") as writer:
+        next_read, writing = reader.submit(read_image, paths[0]), None
+        for index, path in enumerate(progress(paths) if progress else paths):
+            image = next_read.result()  # (H, W, C); re-raises a read error in order
+            small = overlap and image.shape[0] * image.shape[1] <= OVERLAP_MAX_PIXELS
+            next_read = None
+            if small and index + 1 < len(paths):
+                next_read = reader.submit(read_image, paths[index + 1])
+            warn_colour_mismatch(image, detector, path, warned)
+            result = detector.predict(image, threshold)
+            if writing is not None:
+                writing.result()  # one image being written at most; re-raises a write error
+            relative = path.relative_to(base).with_suffix("")
+            writing = writer.submit(write_outputs, output_dir, relative, image, result, threshold)
+            if not small:  # a large image: finish its files before reading the next one
+                writing.result()
+                writing = None
+            if next_read is None and index + 1 < len(paths):
+                next_read = reader.submit(read_image, paths[index + 1])
+            rows.append({"path": str(path.relative_to(base)), "score": result.score,
+                         "defective": "yes" if result.mask.any() else "no"})
+        if writing is not None:
+            writing.result()
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["path", "score", "defective"])
     writer.writeheader()

@@ -7,15 +7,13 @@ training_log.jsonl (one JSON record per epoch: losses, throughput, reconstructio
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +34,12 @@ log = logging.getLogger(__name__)
 # maximises SSIM's structure term against an uncorrelated reconstruction) and needs hundreds of
 # steps to leave that state; a short L2 warm-up first teaches it brightness and coarse structure.
 L2_WARMUP = METHODS["l2-ae"]
+# Patches per forward/backward pass on CPU; a step's gradient is accumulated over them. Measured on
+# the 2-core CPU (bench/speed.py, train section): see the comment there for the figures. Sampling the
+# next batch in a background thread was also measured (0.90x: it competes with oneDNN's two threads)
+# and dropped; torch.compile of the step was 1.5x slower after a 32 s compile, of the SSIM loss alone
+# 1.25x faster after a 15 s compile per process: not used.
+TRAIN_MICRO_BATCH = 32
 VALIDATION_PATCHES = 256  # fixed, seeded validation patches for the per-epoch validation loss
 # Settings that change the model or its input: a resumed run must keep them.
 MODEL_SHAPING = ("method", "latent_dim", "patch_size", "color", "image_size")
@@ -110,39 +114,43 @@ def train_one_epoch(
     loss_args: dict,
     progress: tqdm | None = None,
     deadline: float | None = None,
-    prefetch: bool = True,
     first_step: int = 0,
 ) -> tuple[float, int]:
     """Up to `steps` optimiser steps on fresh random patches; (mean loss, steps done).
 
-    Stops early when time.monotonic() passes `deadline`. prefetch samples the next batch in a
-    background thread (same batches; see patch_batches). config.precision 'bf16' (or 'auto' on
-    CUDA) runs the model under bf16 autocast.
+    Stops early when time.monotonic() passes `deadline`. On CPU each step's gradient is
+    accumulated over micro-batches of TRAIN_MICRO_BATCH patches (every loss is a mean over
+    patches, so this is the batch's gradient up to float summation order). config.precision
+    'bf16' (or 'auto' on CUDA) runs the model under bf16 autocast.
     """
     model.train()
     device = torch.device(device)
     bf16 = resolve_precision(config.precision, device) == "bf16"
+    micro = TRAIN_MICRO_BATCH if device.type == "cpu" else config.batch_size
     total, done = 0.0, 0
-    with contextlib.closing(patch_batches(images, steps, config, rng, prefetch)) as batches:
-        for x in batches:
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            x = x.to(device, non_blocking=True)  # (N, C, P, P)
+    for _ in range(steps):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        x = sample_patches(images, config.batch_size, config.patch_size, rng, config.rotate, config.flip)
+        x = x.to(device, non_blocking=True)  # (N, C, P, P)
+        step_method = L2_WARMUP if first_step + done < config.l2_warmup_steps else method
+        optimizer.zero_grad(set_to_none=True)
+        loss = 0.0
+        for part in x.split(micro):  # (n, C, P, P) each
             # bf16 autocast covers the network only; the loss (SSIM's variances) is computed in fp32.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                output = model(x)
-            warming_up = first_step + done < config.l2_warmup_steps
-            loss = compute_loss(L2_WARMUP if warming_up else method, _fp32(output), x, **loss_args)
-            if not torch.isfinite(loss):
-                raise SsimaeError(f"training diverged (loss {loss.item()}); lower --lr (now {config.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            done += 1
-            if progress is not None:
-                progress.update(config.batch_size)
-                progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                output = model(part)
+            part_loss = compute_loss(step_method, _fp32(output), part, **loss_args) * (len(part) / len(x))
+            if not torch.isfinite(part_loss):
+                raise SsimaeError(f"training diverged (loss {part_loss.item()}); lower --lr (now {config.lr})")
+            part_loss.backward()
+            loss += part_loss.item()
+        optimizer.step()
+        total += loss
+        done += 1
+        if progress is not None:
+            progress.update(config.batch_size)
+            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
     return total / max(done, 1), done
 
 
@@ -151,29 +159,6 @@ def _fp32(output):
     if isinstance(output, VaeOutput):
         return VaeOutput(*(t.float() for t in output))
     return output.float()
-
-
-def patch_batches(images: list[np.ndarray], steps: int, config: Config, rng: np.random.Generator,
-                  prefetch: bool = True) -> Iterator[torch.Tensor]:
-    """`steps` batches of random training patches, (B, C, P, P) each.
-
-    With prefetch the next batch is sampled in a background thread while the caller trains on the
-    current one. The same sample_patches calls run on the same rng in the same order, so the
-    batches are identical to sampling inline; stopping early discards at most one sampled batch.
-    """
-    def sample() -> torch.Tensor:
-        return sample_patches(images, config.batch_size, config.patch_size, rng, config.rotate, config.flip)
-
-    if not prefetch:
-        for _ in range(steps):
-            yield sample()
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssimae-patches") as pool:
-        pending = pool.submit(sample) if steps > 0 else None
-        for index in range(steps):
-            batch = pending.result()
-            pending = pool.submit(sample) if index + 1 < steps else None
-            yield batch
 
 
 @torch.no_grad()
