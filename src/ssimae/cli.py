@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", parents=[common],
                                  help="ONNX model: patches -> reconstruction and residual map, settings in its metadata")
-    export.add_argument("checkpoint", type=Path)
-    export.add_argument("--output", "-o", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("checkpoint", type=Path, help="a checkpoint.pt written by `ssimae train`")
+    export.add_argument("--output", "-o", type=Path, required=True,
+                        help="the .onnx file to write; run it with `ssimae predict model.onnx ... --backend onnxruntime`")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default: 17)")
     return parser
 

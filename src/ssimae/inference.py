@@ -95,7 +95,7 @@ def torch_patch_fn(
     """A PatchFn running the model: outputs 'residual' (N, 1, P, P) or 'reconstruction' (N, C, P, P).
 
     Puts `model` in eval mode and channels_last (NHWC) memory format, in place: oneDNN's NHWC
-    kernels ran the Table 1 net about 1.4x faster than NCHW on the 2-core CPU (bench/speed.py),
+    kernels ran the Table 1 net 1.3-1.4x faster than NCHW on the 2-core CPU (bench/speed.py),
     and NHWC is the layout CUDA tensor cores want. precision 'bf16' (or 'auto' on CUDA) runs the
     model under bf16 autocast; the reconstruction is cast back and the residual computed in fp32.
     On CPU the patches go through in micro-batches of INFER_MICRO_BATCH.
@@ -122,9 +122,9 @@ def torch_patch_fn(
 
 
 # Patches per forward pass on CPU, whatever the caller's batch: measured on the 2-core CPU
-# (bench/speed.py, infer section) 8-32 patches ran about 1.3x faster than 64-128 (the first and last
-# layers' activations of 128 patches, 64 MB, spill the 32 MB L3 cache); the caller's batch size
-# still sets how many windows are cut out of the image at a time.
+# (bench/speed.py, infer section) passes of 8-32 patches ran 1.3x faster than of 64-128 with torch
+# (1.07x with ONNX Runtime): the outer layers' activations of 128 patches, 64 MB, overflow the 32 MB
+# L3 cache. The caller's batch size still sets how many windows are cut from the image at a time.
 INFER_MICRO_BATCH = 32
 
 
