@@ -10,6 +10,7 @@ folder without its extension:
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import logging
@@ -182,6 +183,9 @@ def write_outputs(output_dir: Path, relative: Path, image: np.ndarray, result: P
 # Above this many pixels predict_folder reads, computes and writes one image at a time: three
 # 8192x8192 images in flight would pass 2 GB. Below it the overlap's extra memory is small.
 OVERLAP_MAX_PIXELS = 4096 * 4096
+# Threads writing outputs: encoding one 1024x1024 overlay PNG alone took 140 ms, longer than the
+# prediction at --image-size 256 (80 ms); Pillow's encoders release the GIL, so two writers overlap.
+WRITERS = 2
 
 
 def predict_folder(
@@ -194,9 +198,9 @@ def predict_folder(
 ) -> list[dict]:
     """Predict every image under `source`; write maps, masks, overlays and scores.csv.
 
-    With overlap, one thread reads the next image and another writes the previous image's outputs
-    while the current one is computed (same files; see bench/speed.py for the gain). Images over
-    OVERLAP_MAX_PIXELS are done one at a time, so memory stays that of one image.
+    With overlap, a thread reads the next image and WRITERS threads write the previous images'
+    outputs while the current one is computed (the same files; bench/speed.py measures the gain).
+    Images over OVERLAP_MAX_PIXELS are done one at a time, so memory stays that of one image.
     """
     paths, base = input_images(source)
     threshold = detector.threshold if threshold is None else threshold
@@ -205,8 +209,8 @@ def predict_folder(
     output_dir = Path(output_dir)
     rows, warned = [], set()
     with ThreadPoolExecutor(1, thread_name_prefix="ssimae-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="ssimae-write") as writer:
-        next_read, writing = reader.submit(read_image, paths[0]), None
+            ThreadPoolExecutor(WRITERS, thread_name_prefix="ssimae-write") as writer:
+        next_read, writing = reader.submit(read_image, paths[0]), collections.deque()
         for index, path in enumerate(progress(paths) if progress else paths):
             image = next_read.result()  # (H, W, C); re-raises a read error in order
             small = overlap and image.shape[0] * image.shape[1] <= OVERLAP_MAX_PIXELS
@@ -215,19 +219,18 @@ def predict_folder(
                 next_read = reader.submit(read_image, paths[index + 1])
             warn_colour_mismatch(image, detector, path, warned)
             result = detector.predict(image, threshold)
-            if writing is not None:
-                writing.result()  # one image being written at most; re-raises a write error
+            while len(writing) >= (WRITERS if small else 1):  # bounded memory; re-raises write errors in order
+                writing.popleft().result()
             relative = path.relative_to(base).with_suffix("")
-            writing = writer.submit(write_outputs, output_dir, relative, image, result, threshold)
+            writing.append(writer.submit(write_outputs, output_dir, relative, image, result, threshold))
             if not small:  # a large image: finish its files before reading the next one
-                writing.result()
-                writing = None
+                writing.popleft().result()
             if next_read is None and index + 1 < len(paths):
                 next_read = reader.submit(read_image, paths[index + 1])
             rows.append({"path": str(path.relative_to(base)), "score": result.score,
                          "defective": "yes" if result.mask.any() else "no"})
-        if writing is not None:
-            writing.result()
+        while writing:
+            writing.popleft().result()
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["path", "score", "defective"])
     writer.writeheader()
