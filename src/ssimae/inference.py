@@ -95,7 +95,7 @@ def torch_patch_fn(
     """A PatchFn running the model: outputs 'residual' (N, 1, P, P) or 'reconstruction' (N, C, P, P).
 
     Puts `model` in eval mode and channels_last (NHWC) memory format, in place: oneDNN's NHWC
-    kernels ran the Table 1 net 1.3-1.4x faster than NCHW on the 2-core CPU (bench/speed.py),
+    kernels ran the Table 1 net 1.3-1.6x faster than NCHW on the 2-core CPU (bench/speed.py),
     and NHWC is the layout CUDA tensor cores want. precision 'bf16' (or 'auto' on CUDA) runs the
     model under bf16 autocast; the reconstruction is cast back and the residual computed in fp32.
     On CPU the patches go through in micro-batches of INFER_MICRO_BATCH.
