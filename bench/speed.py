@@ -27,6 +27,7 @@ ratio against the plain eager reference.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -41,14 +42,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_eager as ref  # noqa: E402
 
-from ssimae.checkpoint import checkpoint_dict, save_checkpoint  # noqa: E402
+from ssimae.checkpoint import Checkpoint, Thresholds, TrainingState  # noqa: E402
 from ssimae.config import Config  # noqa: E402
 from ssimae.data import resize_image, sample_patches  # noqa: E402
 from ssimae import inference  # noqa: E402
 from ssimae.inference import torch_patch_fn  # noqa: E402
-from ssimae.losses import METHODS, SsimSettings, compute_loss  # noqa: E402
+from ssimae.losses import SsimSettings, l2_loss, make_loss  # noqa: E402
 from ssimae.models import ConvAutoencoder, build_model  # noqa: E402
-from ssimae.train import train_one_epoch  # noqa: E402
+from ssimae.train import patch_batches, train_one_epoch  # noqa: E402
 
 SECTIONS = ("machine", "ssim", "train", "infer", "predict", "folder", "memory")
 
@@ -133,8 +134,7 @@ def write_checkpoint(path: Path, config: Config, seed: int = 0) -> Path:
     """A He-initialised Table 1 ssim-ae checkpoint (speed does not depend on training)."""
     torch.manual_seed(seed)
     model = build_model("ae", 1, config.latent_dim, config.patch_size)
-    save_checkpoint(checkpoint_dict(model, config, 1, 0.5, "bench", {"step": 0, "epoch": 0, "seconds": 0.0,
-                                                                      "complete": True}), path)
+    Checkpoint(config, 1, model.state_dict(), Thresholds(0.5, "bench"), TrainingState(complete=True)).save(path)
     return path
 
 
@@ -214,20 +214,19 @@ def section_train(ctx: dict, rounds: int, batch: int) -> dict:
 
     torch.manual_seed(0)
     x = torch.rand(batch, 1, 128, 128)
-    ssim_ae, l2_ae = METHODS["ssim-ae"], METHODS["l2-ae"]
-    settings = SsimSettings()
+    ssim_ae, l2_ae = make_loss(Config()), l2_loss
 
     def package(memory_format):
         model = ConvAutoencoder(1, 100).to(memory_format=memory_format)
         return model, torch.optim.Adam(model.parameters(), 2e-4, weight_decay=1e-5)
 
-    def step(model, optimizer, method, micro):
+    def step(model, optimizer, loss_fn, micro):
         """One optimiser step as train_one_epoch takes it (gradient accumulated over micro-batches)."""
         def run():
             model.train()
             optimizer.zero_grad(set_to_none=True)
             for part in x.split(micro):
-                (compute_loss(method, model(part), part, settings) * (len(part) / len(x))).backward()
+                (loss_fn(model(part), part) * (len(part) / len(x))).backward()
             optimizer.step()
         return run
 
@@ -244,8 +243,8 @@ def section_train(ctx: dict, rounds: int, batch: int) -> dict:
     loop_model, loop_opt = package(torch.channels_last)
 
     def loop():
-        train_one_epoch(loop_model, ssim_ae, loop_opt, images, 2, config, np.random.default_rng(0),
-                        torch.device("cpu"), {"ssim": settings})
+        batches = itertools.islice(patch_batches(images, config, np.random.default_rng(0)), 2)
+        train_one_epoch(loop_model, ssim_ae, loop_opt, batches, torch.device("cpu"), TRAIN_MICRO_BATCH)
 
     micro = TRAIN_MICRO_BATCH
     t = best_of({
@@ -295,7 +294,8 @@ def section_train(ctx: dict, rounds: int, batch: int) -> dict:
 
 def section_infer(ctx: dict, rounds: int, batch: int) -> dict:
     print(f"\n== infer: patches/s incl. the 1 - SSIM map, batch {batch} ({load()})")
-    from ssimae.export import make_session, onnx_model_bytes, onnxruntime_patch_fn
+    from ssimae.export import onnx_model_bytes
+    from ssimae.onnx_backend import make_session, onnxruntime_patch_fn
 
     torch.manual_seed(0)
     config = Config(latent_dim=100)
@@ -305,20 +305,19 @@ def section_infer(ctx: dict, rounds: int, batch: int) -> dict:
     nchw_model = ConvAutoencoder(1, 100).eval()
     nchw_model.load_state_dict(model.state_dict())
     settings = SsimSettings()
-    torch_fn = torch_patch_fn(model, METHODS["ssim-ae"], settings)  # NHWC (channels_last)
+    torch_fn = torch_patch_fn(model, "ssim", settings)  # NHWC (channels_last)
 
     @torch.inference_mode()
     def torch_nchw(patches):
         from ssimae.ssim import ssim_residual
         return ssim_residual(patches, nchw_model(patches))
 
-    state = {"model_kwargs": {"channels": 1}, "threshold": 0.5, "version": "bench"}
-    session = make_session(onnx_model_bytes(model, config, state))
+    session = make_session(onnx_model_bytes(Checkpoint(config, 1, model.state_dict(), Thresholds(0.5, "bench"))))
     ort_fn = onnxruntime_patch_fn(session)
     maps = {"torch": torch_fn(x), "onnxruntime": ort_fn(x), "reference": ref.infer(reference, x)}
     for name in ("onnxruntime", "reference"):
         row(f"max |map - torch map| {name}", f"{(maps[name] - maps['torch']).abs().max().item():.2e}")
-    bf16_fn = torch_patch_fn(model, METHODS["ssim-ae"], settings, precision="bf16")
+    bf16_fn = torch_patch_fn(model, "ssim", settings, precision="bf16")
     row("max |map - torch map| torch bf16 (CPU)", f"{(bf16_fn(x) - maps['torch']).abs().max().item():.2e}")
 
     def one_pass(fn):
@@ -358,7 +357,7 @@ def section_infer(ctx: dict, rounds: int, batch: int) -> dict:
 
 def section_predict(ctx: dict, rounds: int, workdir: Path) -> dict:
     print(f"\n== predict: ms per 1024x1024 gray image, stride 30 ({load()})")
-    from ssimae.predict import load_detector
+    from ssimae.detector import load_detector
 
     checkpoint = write_checkpoint(workdir / "checkpoint.pt", Config(latent_dim=100, stride=30, infer_batch_size=128))
     image = (texture(1024, 1024, 1).astype(np.float32) / 255)[:, :, None]  # (H, W, 1) as read_image gives
@@ -366,11 +365,11 @@ def section_predict(ctx: dict, rounds: int, workdir: Path) -> dict:
     detectors = {}
     for size in ("256", None):
         for backend in ("torch", "onnxruntime"):
-            det = load_detector(checkpoint, "cpu", backend=backend)
+            det = load_detector(checkpoint, backend, {"device": "cpu"})
             det.config.image_size = size
             detectors[(size, backend)] = det
     model = build_model("ae", 1, 100, 128)
-    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model_state"])
+    model.load_state_dict(Checkpoint.load(checkpoint).weights)
     reference = reference_from(model).eval()
 
     def reference_predict(size):
@@ -406,7 +405,8 @@ def section_predict(ctx: dict, rounds: int, workdir: Path) -> dict:
 
 def section_folder(ctx: dict, rounds: int, count: int, workdir: Path) -> dict:
     print(f"\n== folder: {count} PNGs of 1024x1024 gray, --image-size 256, stride 30 ({load()})")
-    from ssimae.predict import load_detector, predict_folder
+    from ssimae.detector import load_detector
+    from ssimae.predict import predict_folder
 
     checkpoint = write_checkpoint(workdir / "checkpoint.pt", Config(latent_dim=100, stride=30, infer_batch_size=128))
     folder = workdir / "images"
@@ -415,7 +415,7 @@ def section_folder(ctx: dict, rounds: int, count: int, workdir: Path) -> dict:
         Image.fromarray(texture(1024, 1024, i)).save(folder / f"{i:03d}.png")
     runs, detectors = {}, []
     for backend in ("torch", "onnxruntime"):
-        det = load_detector(checkpoint, "cpu", backend=backend)
+        det = load_detector(checkpoint, backend, {"device": "cpu"})
         det.config.image_size = "256"
         detectors.append(det)
         for overlap in (True, False):
@@ -423,13 +423,14 @@ def section_folder(ctx: dict, rounds: int, count: int, workdir: Path) -> dict:
             runs[f"{backend}, {'overlapped' if overlap else 'sequential'} I/O"] = (
                 lambda det=det, out=out, overlap=overlap: predict_folder(det, folder, out, overlap=overlap))
     model = build_model("ae", 1, 100, 128)
-    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model_state"])
+    model.load_state_dict(Checkpoint.load(checkpoint).weights)
     reference = reference_from(model).eval()
 
     def reference_folder():
         """One image after the other: read, resize, the plain sliding window, resize back, write."""
         from ssimae.data import read_image, resize_map
-        from ssimae.predict import Prediction, write_outputs
+        from ssimae.detector import Prediction
+        from ssimae.predict import write_outputs
 
         for path in sorted(folder.glob("*.png")):
             image = read_image(path)
@@ -462,8 +463,7 @@ MEMORY_SCRIPT = r"""
 import sys, time
 from ssimae.cli import main
 start = time.perf_counter()
-rc = main(["predict", sys.argv[1], sys.argv[2], "-o", sys.argv[3], "--stride", sys.argv[4], "--quiet",
-           "--backend", sys.argv[5]])
+rc = main(["predict", sys.argv[1], sys.argv[2], "-o", sys.argv[3], "--quiet", "--backend", sys.argv[4]])
 with open("/proc/self/status") as f:
     peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 print(rc, peak / 1024, time.perf_counter() - start)
@@ -472,9 +472,10 @@ print(rc, peak / 1024, time.perf_counter() - start)
 
 def section_memory(ctx: dict, workdir: Path, backends: tuple[str, ...]) -> dict:
     print(f"\n== memory: peak RSS of `ssimae predict`, one image, full size ({load()})")
-    checkpoint = write_checkpoint(workdir / "checkpoint.pt", Config(latent_dim=100, stride=30, infer_batch_size=64))
     results = {}
     for side, stride in ((1024, 30), (8192, 128)):
+        checkpoint = write_checkpoint(workdir / f"checkpoint{stride}.pt",
+                                      Config(latent_dim=100, stride=stride, infer_batch_size=64))
         folder = workdir / f"mem{side}"
         folder.mkdir(exist_ok=True)
         y, x = np.mgrid[0:side, 0:side].astype(np.float32)
@@ -482,7 +483,7 @@ def section_memory(ctx: dict, workdir: Path, backends: tuple[str, ...]) -> dict:
         del y, x
         for backend in backends:
             out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(checkpoint), str(folder),
-                                  str(workdir / f"memout{side}"), str(stride), backend],
+                                  str(workdir / f"memout{side}"), backend],
                                  capture_output=True, text=True, check=True)
             rc, peak, seconds = out.stdout.split()[-3:]
             results[(side, backend)] = float(peak)

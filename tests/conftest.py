@@ -1,6 +1,7 @@
-"""Shared fixtures: a tiny on-disk MVTec-layout category and a tiny trained checkpoint.
+"""Shared fixtures and synthetic data: a tiny on-disk MVTec-layout category, a tiny trained checkpoint,
+and the one texture generator every test draws its images from.
 
-Both are session-scoped: built once, reused read-only by every test that needs them.
+The fixtures are session-scoped: built once, reused read-only by every test that needs them.
 Tests that write must copy or write to their own tmp_path.
 """
 
@@ -22,38 +23,66 @@ torch.set_num_threads(1)
 # (height, width) per image: sizes differ per image, all a little above the 128 patch.
 TRAIN_SIZES = [(140, 150), (150, 140), (160, 170), (145, 165), (170, 155), (155, 160)]
 GOOD_TEST_SIZES = [(144, 152), (150, 150)]
-SCRATCH_TEST_SIZES = [(148, 160), (160, 142)]
+DEFECT_TEST_SIZES = [(148, 160), (160, 142)]
 
 
-def texture(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """A gray (H, W) uint8 texture: a random-phase grating plus noise, values well inside 0..255."""
+def texture(height: int, width: int, rng: np.random.Generator, period: float = 12.0, level: float = 0.5) -> np.ndarray:
+    """A gray (H, W) float32 texture in (0, 1): a random-phase oblique grating plus noise."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi)
-    base = 0.5 + 0.2 * np.sin(2 * np.pi * (x + 0.5 * y) / 12 + phase)
+    base = level + 0.2 * np.sin(2 * np.pi * (x + 0.5 * y) / period + phase)
     base += 0.05 * rng.standard_normal((height, width))
-    return (np.clip(base, 0, 1) * 200 + 20).astype(np.uint8)
+    return np.clip(base, 0.02, 0.98).astype(np.float32)
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def texture_png(height: int, width: int, rng: np.random.Generator, **kwargs) -> np.ndarray:
+    """texture() as 8-bit pixels, as saved to disk."""
+    return to_uint8(texture(height, width, rng, **kwargs))
+
+
+def texture_batch(count: int, channels: int = 1, size: int | tuple[int, int] = 128, seed: int = 0) -> torch.Tensor:
+    """(count, channels, H, W) float32 patches of texture(), each with its own phase and level."""
+    rng = np.random.default_rng(seed)
+    height, width = (size, size) if isinstance(size, int) else size
+    patches = [[texture(height, width, rng, period=8 + k, level=0.3 + 0.4 * (k % 2)) for _ in range(channels)]
+               for k in range(count)]
+    return torch.from_numpy(np.array(patches, dtype=np.float32))
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+    return path
 
 
-def build_mvtec(root: Path, seed: int = 0) -> Path:
-    """train/good (6), test/good (2), test/scratch (2, bright lines) and ground_truth/scratch masks."""
+def write_good_folder(folder: Path, count: int = 3, size: tuple[int, int] = (140, 150), seed: int = 0) -> Path:
+    """A plain folder of gray textured PNGs, good_<i>.png."""
     rng = np.random.default_rng(seed)
-    for i, (h, w) in enumerate(TRAIN_SIZES):
-        write_png(root / "train" / "good" / f"{i:03d}.png", texture(h, w, rng))
-    for i, (h, w) in enumerate(GOOD_TEST_SIZES):
-        write_png(root / "test" / "good" / f"{i:03d}.png", texture(h, w, rng))
-    for i, (h, w) in enumerate(SCRATCH_TEST_SIZES):
-        image = texture(h, w, rng)
+    for i in range(count):
+        write_png(folder / f"good_{i}.png", texture_png(*size, rng))
+    return folder
+
+
+def build_mvtec(root: Path, seed: int = 0, train_sizes=TRAIN_SIZES, good_sizes=GOOD_TEST_SIZES,
+                defect_sizes=DEFECT_TEST_SIZES, defect: str = "scratch") -> Path:
+    """train/good, test/good, test/<defect> (bright 3-px lines) and ground_truth/<defect> masks."""
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(train_sizes):
+        write_png(root / "train" / "good" / f"{i:03d}.png", texture_png(h, w, rng))
+    for i, (h, w) in enumerate(good_sizes):
+        write_png(root / "test" / "good" / f"{i:03d}.png", texture_png(h, w, rng))
+    for i, (h, w) in enumerate(defect_sizes):
+        image = texture_png(h, w, rng)
         mask = np.zeros((h, w), dtype=np.uint8)
         row = 30 + 20 * i
         image[row : row + 3, 20 : w - 20] = 255
         mask[row : row + 3, 20 : w - 20] = 255
-        write_png(root / "test" / "scratch" / f"{i:03d}.png", image)
-        write_png(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask)
+        write_png(root / "test" / defect / f"{i:03d}.png", image)
+        write_png(root / "ground_truth" / defect / f"{i:03d}_mask.png", mask)
     return root
 
 
@@ -68,6 +97,11 @@ def tiny_config(**overrides) -> Config:
 # Flags equivalent to tiny_config() for `ssimae train`.
 TINY_FLAGS = ["--max-steps", "2", "--batch-size", "4", "--patches-per-epoch", "8", "--latent-dim", "8",
               "--infer-batch-size", "8", "--stride", "64", "--device", "cpu", "--quiet"]
+
+
+def tmp_files(folder: Path) -> list[Path]:
+    """Leftover temp files of atomic writes under a folder."""
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_FLAGS, texture
+from conftest import TINY_FLAGS, texture_png, tmp_files
 from PIL import Image
 
 import ssimae
-from ssimae.checkpoint import read_checkpoint
+from ssimae.checkpoint import Checkpoint
 from ssimae.cli import main
 
 BIN = Path(sys.executable).parent
@@ -51,10 +51,6 @@ def assert_user_error(capsys, args, *fragments) -> str:
     return lines[0]
 
 
-def _tmp_files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
-
-
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, mvtec_root) -> Path:
     """`ssimae train` with a YAML --config (min-defect-area 30, stride 32) and tiny flags (--stride 64 wins)."""
@@ -76,10 +72,10 @@ def test_train_writes_the_run_and_merges_yaml_and_flags(cli_run):
     assert saved["min_defect_area"] == 30  # from the YAML file
     assert saved["stride"] == 64  # the flag overrides the YAML's 32
     assert saved["latent_dim"] == 8 and saved["max_steps"] == 2
-    state = read_checkpoint(cli_run / "checkpoint.pt")
-    assert state["stride"] == 64 and "min defect area 30" in state["threshold_rule"]
+    checkpoint = Checkpoint.load(cli_run / "checkpoint.pt")
+    assert checkpoint.config.stride == 64 and "min defect area 30" in checkpoint.thresholds.pixel_rule
     assert (cli_run / "train.log").read_text().strip()  # the file log is written even with --quiet
-    assert _tmp_files(cli_run) == []
+    assert tmp_files(cli_run) == []
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -92,7 +88,7 @@ def test_predict_writes_maps_masks_overlays_and_scores(cli_run, mvtec_root, tmp_
     code, stdout, err = run_cli(capsys, "predict", cli_run / "checkpoint.pt", mvtec_root / "test", "--output", out, "--quiet")
     assert code == 0, err
     assert "4 image(s)" in stdout
-    threshold = read_checkpoint(cli_run / "checkpoint.pt")["threshold"]
+    threshold = Checkpoint.load(cli_run / "checkpoint.pt").thresholds.pixel
     with open(out / "scores.csv", newline="") as handle:
         reader = csv.reader(handle)
         assert next(reader) == ["path", "score", "defective"]
@@ -115,7 +111,7 @@ def test_predict_writes_maps_masks_overlays_and_scores(cli_run, mvtec_root, tmp_
             assert png.mode == "RGB" and (png.height, png.width) == size
         assert float(score) == pytest.approx(float(amap.max()), abs=1e-6)
         assert defective == ("yes" if (mask == 255).any() else "no")
-    assert _tmp_files(out) == []
+    assert tmp_files(out) == []
 
 
 def test_predict_threshold_override(checkpoint_path, mvtec_root, tmp_path, capsys):
@@ -142,7 +138,7 @@ def test_evaluate_writes_metrics(cli_run, mvtec_root, tmp_path, capsys):
     for rel in ("good/000", "scratch/001"):
         with Image.open(out / "maps" / f"{rel}.tiff") as tiff:
             assert tiff.mode == "F" and (tiff.height, tiff.width) == _image_size(mvtec_root / "test" / f"{rel}.png")
-    assert _tmp_files(out) == []
+    assert tmp_files(out) == []
 
 
 def test_python_m_help_and_version():
@@ -181,12 +177,14 @@ def test_empty_training_folder(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, fragments",
     [
-        (["--method", "gan"], ["unknown method 'gan'", "ssim-ae"]),
+        (["--method", "gan"], ["--method 'gan' is not one of", "ssim-ae"]),
         (["--stride", "200"], ["stride 200", "128"]),
-        (["--image-size", "big"], ["image size 'big'"]),
-        (["--image-size", "320x0"], ["image size '320x0'"]),
-        (["--patch-size", "64"], ["patch size 64"]),
-        (["--lr", "-1"], ["lr"]),
+        (["--image-size", "big"], ["--image-size 'big'"]),
+        (["--image-size", "320x0"], ["--image-size '320x0'"]),
+        (["--patch-size", "64"], ["--patch-size 64"]),
+        (["--lr", "-1"], ["--lr must be a positive number"]),
+        (["--latent-dim", "eight"], ["--latent-dim: 'eight' is not a valid int"]),
+        (["--max-stepz", "5"], ["unrecognized arguments: --max-stepz"]),
         (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], ["cuda"]),
     ],
 )
@@ -276,7 +274,9 @@ def test_predict_bad_inference_flags(checkpoint_path, mvtec_root, tmp_path, caps
     assert_user_error(capsys, ["predict", checkpoint_path, image, "--output", tmp_path / "o", "--stride", "500"],
                       "stride 500")
     assert_user_error(capsys, ["predict", checkpoint_path, image, "--output", tmp_path / "o", "--batch-size", "0"],
-                      "infer_batch_size")
+                      "--batch-size must be at least 1")
+    assert_user_error(capsys, ["predict", checkpoint_path, image, "--output", tmp_path / "o", "--infer-batch-size",
+                               "0"], "--infer-batch-size must be at least 1")
 
 
 def test_evaluate_without_a_test_split(checkpoint_path, tmp_path, capsys):
@@ -287,7 +287,7 @@ def test_evaluate_without_a_test_split(checkpoint_path, tmp_path, capsys):
 
 def test_gray_checkpoint_on_an_rgb_image_converts_and_says_so(checkpoint_path, tmp_path, capsys):
     rng = np.random.default_rng(0)
-    rgb = np.dstack([texture(131, 157, rng) for _ in range(3)])
+    rgb = np.dstack([texture_png(131, 157, rng) for _ in range(3)])
     source = tmp_path / "in" / "colour.png"
     source.parent.mkdir()
     Image.fromarray(rgb).save(source)
@@ -300,19 +300,41 @@ def test_gray_checkpoint_on_an_rgb_image_converts_and_says_so(checkpoint_path, t
         assert (tiff.height, tiff.width) == (131, 157)
 
 
-def test_truncated_image_in_predict_input(checkpoint_path, mvtec_root, tmp_path, capsys):
-    folder = tmp_path / "in"
+def _folder_with_a_bad_image(mvtec_root: Path, folder: Path) -> Path:
     folder.mkdir()
     good = mvtec_root / "test" / "good" / "000.png"
     (folder / "a_good.png").write_bytes(good.read_bytes())
     data = good.read_bytes()
     (folder / "b_cut.png").write_bytes(data[: len(data) // 2])
+    (folder / "c_good.png").write_bytes(good.read_bytes())
+    return folder
+
+
+def test_a_bad_image_is_skipped_listed_and_makes_the_exit_code_1(checkpoint_path, mvtec_root, tmp_path, capsys):
+    folder = _folder_with_a_bad_image(mvtec_root, tmp_path / "in")
     out = tmp_path / "pred"
-    assert_user_error(capsys, ["predict", checkpoint_path, folder, "--output", out, "--quiet"], "b_cut.png")
-    leftovers = [p for p in out.rglob("*") if "b_cut" in p.name]
-    assert leftovers == []  # no map, mask or overlay for the bad image
-    assert _tmp_files(out) == []
-    assert not (out / "scores.csv").exists()
+    code, stdout, err = run_cli(capsys, "predict", checkpoint_path, folder, "--output", out, "--quiet")
+    assert code == 1, err
+    assert "Traceback" not in err and "1 image(s) could not be read" in err and "b_cut.png" in err
+    assert "2 image(s)" in stdout
+    with open(out / "scores.csv", newline="") as handle:
+        assert [row["path"] for row in csv.DictReader(handle)] == ["a_good.png", "c_good.png"]
+    with open(out / "errors.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["path"] == "b_cut.png" and "b_cut.png" in row["reason"]
+    assert [p for p in out.rglob("*") if "b_cut" in p.name] == []  # no map, mask or overlay for the bad image
+    assert tmp_files(out) == []
+
+
+def test_strict_stops_at_the_first_bad_image(checkpoint_path, mvtec_root, tmp_path, capsys):
+    folder = _folder_with_a_bad_image(mvtec_root, tmp_path / "in")
+    out = tmp_path / "pred"
+    line = assert_user_error(capsys, ["predict", checkpoint_path, folder, "--output", out, "--quiet", "--strict"],
+                             "b_cut.png", "--strict")
+    assert "could not" not in line
+    with open(out / "scores.csv", newline="") as handle:
+        assert [row["path"] for row in csv.DictReader(handle)] == ["a_good.png"]  # what finished is kept
+    assert not (out / "maps" / "c_good.tiff").exists() and tmp_files(out) == []
 
 
 def test_ssimae_error_never_prints_a_traceback_from_a_subprocess(tmp_path):

@@ -12,9 +12,12 @@ import pytest
 from PIL import Image
 
 import ssimae.train
+from conftest import build_mvtec
 from ssimae.cli import main
 from ssimae.compare import pro_up_to, thin_curve
-from ssimae.config import METHOD_NAMES
+from ssimae.methods import PAPER_METHODS
+
+METHOD_NAMES = PAPER_METHODS  # what `compare` runs by default
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -22,32 +25,10 @@ TINY = ["--max-steps", "2", "--batch-size", "2", "--patches-per-epoch", "2", "--
         "--infer-batch-size", "8", "--device", "cpu", "--quiet"]
 
 
-def texture(rng, shape, phase):
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    return 0.55 + 0.15 * np.sin(xx / 5 + yy / 9 + phase) + 0.04 * rng.standard_normal(shape)
-
-
-def save_gray(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
 def make_dataset(root: Path) -> Path:
-    """MVTec layout: train/good (4), test/good (2), test/scratch (3) with ground_truth/scratch/*_mask.png."""
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        save_gray(root / "train" / "good" / f"{i:03d}.png", texture(rng, (136, 150), i))
-    for i in range(2):
-        save_gray(root / "test" / "good" / f"{i:03d}.png", texture(rng, (136, 150), 10 + i))
-    for i in range(3):
-        image = texture(rng, (136, 150), 20 + i)
-        mask = np.zeros(image.shape, dtype=bool)
-        top, left = 30 + 25 * i, 40 + 20 * i
-        mask[top : top + 10 + 4 * i, left : left + 30] = True  # a dark scratch of growing width
-        image[mask] = 0.1
-        save_gray(root / "test" / "scratch" / f"{i:03d}.png", image)
-        save_gray(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask.astype(np.float32))
-    return root
+    """MVTec layout: train/good (4), test/good (2), test/scratch (3), all 136x150, with masks."""
+    return build_mvtec(root, train_sizes=[(136, 150)] * 4, good_sizes=[(136, 150)] * 2,
+                       defect_sizes=[(136, 150)] * 3)
 
 
 @pytest.fixture(scope="module")

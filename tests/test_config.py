@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ssimae.config import Config, config_from_dict, load_config, parse_image_size, save_config
-from ssimae.errors import SsimaeError
+from ssimae.errors import SettingError, SsimaeError
 
 
 def _yaml(tmp_path, text: str, name: str = "settings.yaml"):
@@ -88,7 +88,7 @@ def test_defaults_validate_and_follow_the_paper():
 @pytest.mark.parametrize(
     "changes, pattern",
     [
-        ({"method": "gan"}, "unknown method 'gan'"),
+        ({"method": "gan"}, "method 'gan' is not one of ssim-ae"),
         ({"color": "cmyk"}, "color 'cmyk'"),
         ({"patch_size": 64}, "patch size 64"),
         ({"rotate": "45"}, "rotate '45'"),
@@ -114,12 +114,15 @@ def test_defaults_validate_and_follow_the_paper():
         ({"max_minutes": 0.0}, "max_minutes"),
         ({"min_defect_area": -5}, "min_defect_area"),
         ({"ssim_sigma": 0.0}, "ssim_sigma"),
+        ({"ssim_window": 65}, "ssim_window 65 must be at most half the patch size"),
+        ({"precision": "fp16"}, "precision 'fp16' is not one of auto, fp32, bf16"),
     ],
 )
 def test_validate_errors_carry_the_bad_value(changes, pattern):
     config = config_from_dict(changes)
-    with pytest.raises(SsimaeError, match=pattern):
+    with pytest.raises(SettingError, match=pattern) as info:
         config.validate()
+    assert info.value.setting == next(iter(changes))  # the CLI names the flag of this setting
 
 
 def test_stride_equal_to_patch_size_is_allowed():

@@ -9,27 +9,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import texture, texture_png, write_png
 from PIL import Image
 
-from ssimae.checkpoint import checkpoint_dict, save_checkpoint
+from ssimae.checkpoint import Checkpoint, Thresholds, build_network
 from ssimae.cli import main
 from ssimae.config import Config
+from ssimae.detector import load_detector
 from ssimae.errors import SsimaeError
-from ssimae.export import OUTPUTS, export_onnx, load_onnx, make_session, onnxruntime_patch_fn, read_metadata
+from ssimae.export import METADATA_KEYS, PATCH_OUTPUTS, export_onnx
 from ssimae.inference import torch_patch_fn
-from ssimae.losses import METHODS, SsimSettings
-from ssimae.models import build_model
-from ssimae.predict import load_detector
-
-REQUIRED_METADATA = ("format", "version", "method", "color", "image_size", "patch_size", "stride", "threshold",
-                     "threshold_rule", "channels", "normalisation", "ssim_window", "ssim_sigma", "config")
-
-
-def _gray(height, width, seed):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = 0.5 + 0.2 * np.sin((x + 0.5 * y) / 2 + rng.uniform(0, 6)) + 0.05 * rng.standard_normal((height, width))
-    return (np.clip(base, 0, 1) * 200 + 20).astype(np.uint8)
+from ssimae.losses import SsimSettings
+from ssimae.methods import METHODS
+from ssimae.onnx_backend import load_onnx, make_session, onnxruntime_patch_fn, read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +30,15 @@ def tiny(tmp_path_factory):
     from ssimae.train import fit
 
     root = tmp_path_factory.mktemp("export")
-    data = root / "good"
-    data.mkdir()
+    rng = np.random.default_rng(0)
     for i, (h, w) in enumerate([(140, 150), (150, 140), (135, 160)]):
-        Image.fromarray(_gray(h, w, i)).save(data / f"{i}.png")
+        write_png(root / "good" / f"{i}.png", texture_png(h, w, rng, period=6))
     config = Config(max_steps=1, batch_size=4, patches_per_epoch=4, latent_dim=8, stride=64, infer_batch_size=8,
                     device="cpu")
-    result = fit(config, data, root / "run", progress=False)
+    result = fit(config, root / "good", root / "run", progress=False)
     images = root / "test"
-    (images / "sub").mkdir(parents=True)
-    Image.fromarray(_gray(150, 170, 10)).save(images / "a.png")
-    Image.fromarray(_gray(100, 90, 11)).save(images / "sub" / "small.png")  # smaller than the patch
+    write_png(images / "a.png", texture_png(150, 170, rng, period=6))
+    write_png(images / "sub" / "small.png", texture_png(100, 90, rng, period=6))  # smaller than the patch
     return {"checkpoint": result.checkpoint, "images": images, "root": root}
 
 
@@ -64,59 +54,79 @@ def test_export_writes_a_valid_model_with_its_settings_in_the_metadata(tiny, exp
     onnx.checker.check_model(proto)
     assert proto.opset_import[0].version >= 17
     meta = read_metadata(exported)
-    assert set(REQUIRED_METADATA) <= set(meta)
-    state = torch.load(tiny["checkpoint"], weights_only=True)
-    assert meta["method"] == "ssim-ae" and meta["color"] == "gray" and meta["residual"] == "ssim"
+    assert set(METADATA_KEYS) == set(meta)
+    checkpoint = Checkpoint.load(tiny["checkpoint"])
+    assert meta["method"] == "ssim-ae" and meta["color"] == "gray" and meta["kind"] == "reconstruction"
     assert int(meta["patch_size"]) == 128 and int(meta["stride"]) == 64 and int(meta["channels"]) == 1
     assert meta["image_size"] == ""  # None: images keep their size
-    assert float(meta["threshold"]) == pytest.approx(state["threshold"])
+    assert float(meta["threshold"]) == pytest.approx(checkpoint.thresholds.pixel)
+    assert json.loads(meta["thresholds"])["pixel"] == pytest.approx(checkpoint.thresholds.pixel)
     assert json.loads(meta["config"])["latent_dim"] == 8
     assert [i.name for i in proto.graph.input] == ["patches"]
-    assert [o.name for o in proto.graph.output] == list(OUTPUTS)
+    assert [o.name for o in proto.graph.output] == list(PATCH_OUTPUTS)
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_param and not batch.dim_value  # a dynamic batch axis
 
 
 def test_onnxruntime_patches_equal_torch_for_any_batch_size(tiny, exported):
     loaded = load_onnx(exported)
-    model = build_model("ae", 1, 8, 128)
-    model.load_state_dict(torch.load(tiny["checkpoint"], weights_only=True)["model_state"])
+    network = Checkpoint.load(tiny["checkpoint"]).network()
     for n in (1, 3, 9):  # the export traced 2 patches
         x = torch.rand(n, 1, 128, 128)
-        for outputs in OUTPUTS:
+        for outputs in PATCH_OUTPUTS:
             ours = onnxruntime_patch_fn(loaded.session, outputs)(x)
-            expected = torch_patch_fn(model, METHODS["ssim-ae"], SsimSettings(), outputs=outputs)(x)
+            expected = torch_patch_fn(network, "ssim", SsimSettings(), outputs=outputs)(x)
             assert ours.shape == expected.shape
             torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("source", ["onnx", "checkpoint"])
 def test_onnxruntime_maps_equal_torch_maps(tiny, exported, source):
-    torch_detector = load_detector(tiny["checkpoint"], "cpu")
-    onnx_detector = load_detector(exported if source == "onnx" else tiny["checkpoint"], "cpu", backend="onnxruntime")
+    torch_detector = load_detector(tiny["checkpoint"], overrides={"device": "cpu"})
+    onnx_detector = load_detector(exported if source == "onnx" else tiny["checkpoint"], "onnxruntime",
+                                  {"device": "cpu"})
     assert onnx_detector.threshold == pytest.approx(torch_detector.threshold)
     assert onnx_detector.config == torch_detector.config
-    for seed, (h, w) in enumerate([(150, 170), (100, 90), (300, 260)]):
-        image = (_gray(h, w, 20 + seed).astype(np.float32) / 255)[:, :, None]
+    rng = np.random.default_rng(20)
+    for h, w in [(150, 170), (100, 90), (300, 260)]:
+        image = texture(h, w, rng, period=6)[:, :, None]
         expected = torch_detector.anomaly_map(image)
         ours = onnx_detector.anomaly_map(image)
         assert ours.shape == expected.shape == (h, w)
         np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method,color", [("l2-ae", "rgb"), ("vae", "gray"), ("fm-ae", "gray"), ("ssim-ae", "rgb")])
-def test_every_method_exports_and_matches_torch(tmp_path, method, color):
+def _checkpoint(tmp_path, method: str, color: str) -> Checkpoint:
+    """An untrained checkpoint of any method (its module as built), saved to tmp_path/checkpoint.pt."""
     torch.manual_seed(0)
     channels = 3 if color == "rgb" else 1
     config = Config(method=method, color=color, latent_dim=8)
-    model = build_model(METHODS[method].model_kind, channels, 8, 128)
-    checkpoint = tmp_path / "checkpoint.pt"
-    save_checkpoint(checkpoint_dict(model, config, channels, None, None, {"step": 0}), checkpoint)
-    loaded = load_onnx(export_onnx(checkpoint, tmp_path / "model.onnx"))
-    assert loaded.threshold is None and loaded.channels == channels
-    x = torch.rand(3, channels, 128, 128)
-    expected = torch_patch_fn(model, METHODS[method], SsimSettings())(x)
+    checkpoint = Checkpoint(config, channels, build_network(config, channels).state_dict(), Thresholds(0.5, "test"))
+    checkpoint.save(tmp_path / "checkpoint.pt")
+    return checkpoint
+
+
+@pytest.mark.parametrize("method,color", [("l2-ae", "rgb"), ("vae", "gray"), ("fm-ae", "gray"), ("ssim-ae", "rgb")])
+def test_every_reconstruction_method_exports_and_matches_torch(tmp_path, method, color):
+    checkpoint = _checkpoint(tmp_path, method, color)
+    loaded = load_onnx(export_onnx(tmp_path / "checkpoint.pt", tmp_path / "model.onnx"))
+    assert loaded.threshold == 0.5 and loaded.channels == checkpoint.channels
+    x = torch.rand(3, checkpoint.channels, 128, 128)
+    expected = torch_patch_fn(checkpoint.network(), METHODS[method].residual, SsimSettings())(x)
     torch.testing.assert_close(onnxruntime_patch_fn(loaded.session)(x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,color", [("blur", "gray"), ("blur", "rgb")])
+def test_memory_methods_export_with_dynamic_image_sizes_and_match_torch(tmp_path, method, color):
+    _checkpoint(tmp_path, method, color)
+    path = export_onnx(tmp_path / "checkpoint.pt", tmp_path / "model.onnx")
+    torch_detector = load_detector(tmp_path / "checkpoint.pt", overrides={"device": "cpu"})
+    onnx_detector = load_detector(path, "onnxruntime", {"device": "cpu"})
+    rng = np.random.default_rng(1)
+    for h, w in [(150, 170), (64, 90), (300, 41)]:  # none of them the traced size
+        image = np.dstack([texture(h, w, rng) for _ in range(3 if color == "rgb" else 1)])
+        np.testing.assert_allclose(onnx_detector.anomaly_map(image), torch_detector.anomaly_map(image), atol=1e-4,
+                                   rtol=0)
 
 
 def _maps(folder):
@@ -171,7 +181,32 @@ def test_foreign_or_damaged_onnx_files_are_rejected(tmp_path):
         load_onnx(foreign)
     with pytest.raises(SsimaeError, match="does not exist"):
         load_onnx(tmp_path / "missing.onnx")
-    assert make_session(str(foreign)) is not None  # a plain session still loads it
+    session = make_session(str(foreign))  # a plain session still loads it
+    assert [i.name for i in session.get_inputs()] == ["x"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("config", "{not json", "invalid metadata"),
+    ("config", "[1, 2]", "invalid metadata"),
+    ("config", '{"stride": 0}', "stride 0"),
+    ("channels", "two", "invalid metadata"),
+    ("thresholds", '{"pixel": "high", "pixel_rule": "x"}', "threshold 'high'"),
+    ("config", None, "lacks the metadata entry 'config'"),
+])
+def test_onnx_files_with_bad_metadata_are_one_line_errors(exported, tmp_path, key, value, message):
+    proto = onnx.load(str(exported))
+    props = {p.key: p.value for p in proto.metadata_props}
+    if value is None:
+        del props[key]
+    else:
+        props[key] = value
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(SsimaeError, match=message) as info:
+        load_onnx(bad)
+    assert "bad.onnx" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_export_cli_errors(tiny, tmp_path, capsys):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ssimae.errors import SsimaeError
-from ssimae.inference import anomaly_map, coverage, sliding_window, torch_patch_fn, window_starts
-from ssimae.losses import METHODS, SsimSettings, squared_error_map
+from ssimae.inference import coverage, sliding_window, smooth_map, torch_patch_fn, window_starts
+from ssimae.losses import SsimSettings, squared_error_map
 from ssimae.models import ConvAutoencoder
 from ssimae.ssim import ssim_residual
 
@@ -145,7 +145,7 @@ def test_images_smaller_than_the_patch_are_padded_and_cropped_back(height, width
     assert set(sizes) == {(P, P)}
     assert merged.shape == (3, height, width)
     np.testing.assert_allclose(merged, image.transpose(2, 0, 1), atol=1e-6, rtol=0)
-    amap = anomaly_map(image, lambda p: p.mean(dim=1, keepdim=True), P, 3)
+    amap = sliding_window(image, lambda p: p.mean(dim=1, keepdim=True), P, 3)[0]
     assert amap.shape == (height, width)
     np.testing.assert_allclose(amap, image.mean(axis=2), atol=1e-6, rtol=0)
 
@@ -155,18 +155,27 @@ def test_torch_patch_fn_residual_and_reconstruction():
     model = ConvAutoencoder(channels=1, latent_dim=4)
     model.train()
     patches = torch.rand(2, 1, 128, 128)
-    ssim_fn = torch_patch_fn(model, METHODS["ssim-ae"], SsimSettings(), "cpu")
+    ssim_fn = torch_patch_fn(model, "ssim", SsimSettings(), "cpu")
     assert not model.training  # inference runs in eval mode
     residual = ssim_fn(patches)
     with torch.no_grad():
         x_hat = model(patches)
     assert residual.shape == (2, 1, 128, 128) and not residual.requires_grad
     torch.testing.assert_close(residual, ssim_residual(patches, x_hat))
-    l2 = torch_patch_fn(model, METHODS["l2-ae"])(patches)
+    l2 = torch_patch_fn(model, "l2")(patches)
     torch.testing.assert_close(l2, squared_error_map(patches, x_hat))
-    recon = torch_patch_fn(model, METHODS["ssim-ae"], outputs="reconstruction")(patches)
+    recon = torch_patch_fn(model, "ssim", outputs="reconstruction")(patches)
     torch.testing.assert_close(recon, x_hat)
     # A full-size anomaly map through the model has the image's size.
     image = _image(130, 150, seed=5)
-    amap = anomaly_map(image, ssim_fn, 128, 64, batch_size=8)
+    amap = sliding_window(image, ssim_fn, 128, 64, batch_size=8)[0]
     assert amap.shape == (130, 150) and np.isfinite(amap).all()
+
+
+def test_smooth_map_is_scipy_gaussian_with_reflection_and_zero_is_identity():
+    from scipy import ndimage
+
+    amap = np.random.default_rng(3).random((40, 50), dtype=np.float32)
+    assert smooth_map(amap, 0) is amap
+    np.testing.assert_allclose(smooth_map(amap, 2.0), ndimage.gaussian_filter(amap.astype(np.float64), 2.0,
+                                                                              mode="reflect"), atol=1e-6)

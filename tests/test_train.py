@@ -10,18 +10,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import tiny_config, tmp_files
 
 import ssimae
-from ssimae.checkpoint import load_model, read_checkpoint, save_checkpoint
+from ssimae.checkpoint import FORMAT, SCHEMA, Checkpoint
 from ssimae.config import load_config
 from ssimae.errors import SsimaeError
 from ssimae.models import build_model
 from ssimae.train import fit
-
-
-def _tmp_files(folder):
-    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
 def _jsonl(path):
@@ -31,7 +27,7 @@ def _jsonl(path):
 def test_run_folder_contents(trained_run):
     for name in ("checkpoint.pt", "config.yaml", "train.log", "training_log.jsonl"):
         assert (trained_run / name).is_file(), name
-    assert _tmp_files(trained_run) == []
+    assert tmp_files(trained_run) == []
     log = (trained_run / "train.log").read_text()
     assert "threshold" in log and "epoch 1 step 2" in log  # INFO records reach the file without a CLI
     records = _jsonl(trained_run / "training_log.jsonl")
@@ -43,21 +39,46 @@ def test_run_folder_contents(trained_run):
 
 def test_checkpoint_is_self_describing_and_loads_with_weights_only(checkpoint_path):
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    assert state["format"] == "ssimae-checkpoint-1" and state["version"] == ssimae.__version__
-    assert state["method"] == "ssim-ae" and state["model_kind"] == "ae"
-    assert state["model_kwargs"] == {"channels": 1, "latent_dim": 8, "patch_size": 128}
-    assert (state["color"], state["image_size"], state["patch_size"], state["stride"]) == ("gray", None, 128, 64)
-    assert isinstance(state["threshold"], float) and math.isfinite(state["threshold"])
-    assert "min defect area 25" in state["threshold_rule"]
+    assert (state["format"], state["schema"], state["version"]) == (FORMAT, SCHEMA, ssimae.__version__)
+    assert state["method"] == "ssim-ae" and state["channels"] == 1
+    assert state["config"]["latent_dim"] == 8 and state["config"]["stride"] == 64
+    assert isinstance(state["thresholds"]["pixel"], float) and math.isfinite(state["thresholds"]["pixel"])
+    assert "min defect area 25" in state["thresholds"]["pixel_rule"]
     assert state["training"]["step"] == 2 and state["training"]["complete"] is True
-    assert state["config"]["latent_dim"] == 8 and state["history"][0]["step"] == 2
-    model = build_model(state["model_kind"], **state["model_kwargs"])
-    model.load_state_dict(state["model_state"])
-    loaded = load_model(checkpoint_path)
-    assert loaded.config == tiny_config() and not loaded.model.training
+    assert state["history"][0]["step"] == 2
+    model = build_model("ae", 1, 8, 128)
+    model.load_state_dict(state["weights"])
+    loaded = Checkpoint.load(checkpoint_path)
+    assert loaded.config == tiny_config() and loaded.method == "ssim-ae"
+    network = loaded.network()
+    assert not network.training
     x = torch.rand(1, 1, 128, 128)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(x), model.eval()(x))
+        torch.testing.assert_close(network(x), model.eval()(x))
+
+
+def test_checkpoint_round_trips_every_field(checkpoint_path, tmp_path):
+    loaded = Checkpoint.load(checkpoint_path)
+    loaded.save(tmp_path / "copy.pt")
+    again = Checkpoint.load(tmp_path / "copy.pt")
+    assert (again.config, again.channels, again.thresholds, again.training, again.history) == \
+        (loaded.config, loaded.channels, loaded.thresholds, loaded.training, loaded.history)
+    assert again.weights.keys() == loaded.weights.keys()
+    assert all(torch.equal(again.weights[k], loaded.weights[k]) for k in loaded.weights)
+
+
+def test_checkpoints_of_version_0_1_0_still_load(checkpoint_path, tmp_path):
+    """The untyped dict of ssimae 0.1.0 (format ssimae-checkpoint-1) is read and converted."""
+    new = Checkpoint.load(checkpoint_path)
+    old = {"format": "ssimae-checkpoint-1", "version": "0.1.0", "method": "ssim-ae", "model_kind": "ae",
+           "model_kwargs": {"channels": 1, "latent_dim": 8, "patch_size": 128}, "model_state": new.weights,
+           "config": {**new.config.to_dict(), "retired_setting": 1}, "threshold": 0.25,
+           "threshold_rule": "min defect area 25 px on validation images",
+           "training": {"step": 2, "epoch": 1, "seconds": 1.0, "complete": True}, "optimizer_state": None,
+           "history": []}
+    torch.save(old, tmp_path / "old.pt")
+    loaded = Checkpoint.load(tmp_path / "old.pt")
+    assert loaded.config == new.config and loaded.thresholds.pixel == 0.25 and loaded.training.step == 2
 
 
 def test_max_steps_resume_and_reproducibility(trained_run, mvtec_root, tmp_path):
@@ -77,10 +98,10 @@ def test_max_steps_resume_and_reproducibility(trained_run, mvtec_root, tmp_path)
     first = _jsonl(trained_run / "training_log.jsonl")[0]
     assert straight.history[0]["loss"] == first["loss"] and straight.history[0]["val_loss"] == first["val_loss"]
     assert [h["loss"] for h in straight.history] == pytest.approx([h["loss"] for h in resumed.history], rel=1e-6)
-    a, b = read_checkpoint(straight_dir / "checkpoint.pt"), read_checkpoint(resumed_dir / "checkpoint.pt")
-    for name, tensor in a["model_state"].items():
-        torch.testing.assert_close(tensor, b["model_state"][name], rtol=1e-5, atol=1e-6)
-    assert _tmp_files(tmp_path) == []
+    a, b = Checkpoint.load(straight_dir / "checkpoint.pt"), Checkpoint.load(resumed_dir / "checkpoint.pt")
+    for name, tensor in a.weights.items():
+        torch.testing.assert_close(tensor, b.weights[name], rtol=1e-5, atol=1e-6)
+    assert tmp_files(tmp_path) == []
 
 
 def test_resume_with_a_changed_model_setting_is_refused(checkpoint_path, mvtec_root, tmp_path):
@@ -117,13 +138,14 @@ def test_a_bad_training_image_stops_before_any_checkpoint(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(SsimaeError, match="b.png"):
         fit(tiny_config(), data, run, progress=False)
-    assert not (run / "checkpoint.pt").exists() and _tmp_files(tmp_path) == []
+    assert not (run / "checkpoint.pt").exists() and tmp_files(tmp_path) == []
 
 
 def test_interrupted_checkpoint_save_keeps_the_previous_file(checkpoint_path, tmp_path, monkeypatch):
     target = tmp_path / "checkpoint.pt"
     shutil.copy(checkpoint_path, target)
     before = target.read_bytes()
+    checkpoint = Checkpoint.load(target)
 
     def broken_save(obj, path):
         with open(path, "wb") as handle:
@@ -132,16 +154,16 @@ def test_interrupted_checkpoint_save_keeps_the_previous_file(checkpoint_path, tm
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"format": "x"}, target)
-    assert target.read_bytes() == before and _tmp_files(tmp_path) == []
+        checkpoint.save(target)
+    assert target.read_bytes() == before and tmp_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("method, kind", [("l2-ae", "ae"), ("vae", "vae")])
-def test_other_methods_train_and_describe_themselves(method, kind, mvtec_root, tmp_path):
+@pytest.mark.parametrize("method, module", [("l2-ae", "ConvAutoencoder"), ("vae", "VariationalAutoencoder")])
+def test_other_methods_train_and_describe_themselves(method, module, mvtec_root, tmp_path):
     result = fit(tiny_config(method=method, max_steps=1), mvtec_root, tmp_path / method, progress=False)
-    state = read_checkpoint(result.checkpoint)
-    assert (state["method"], state["model_kind"], result.steps) == (method, kind, 1)
-    assert math.isfinite(state["threshold"])
+    checkpoint = Checkpoint.load(result.checkpoint)
+    assert (checkpoint.method, type(checkpoint.network()).__name__, result.steps) == (method, module, 1)
+    assert math.isfinite(checkpoint.thresholds.pixel)
     assert yaml.safe_load((tmp_path / method / "config.yaml").read_text())["method"] == method
 
 
@@ -149,7 +171,7 @@ def test_time_budget_stops_training(mvtec_root, tmp_path):
     # 200 epochs x 2 steps without a step limit; a 6 ms budget must stop it almost at once.
     result = fit(tiny_config(max_steps=None, max_minutes=1e-4), mvtec_root, tmp_path / "run", progress=False)
     assert result.steps <= 2
-    assert read_checkpoint(result.checkpoint)["training"]["complete"] is True
+    assert Checkpoint.load(result.checkpoint).training.complete is True
 
 
 def test_l2_warmup_trains_with_the_l2_loss_then_switches(mvtec_root, tmp_path):
@@ -167,11 +189,18 @@ def test_l2_warmup_trains_with_the_l2_loss_then_switches(mvtec_root, tmp_path):
     assert partly[1] != pytest.approx(l2[1], rel=1e-3)
 
 
-def test_presets_apply_under_flags():
-    from ssimae.config import PRESETS, preset_config
+def test_presets_reach_the_run_under_yaml_and_flags(mvtec_root, tmp_path):
+    """--preset tuned through the CLI: its values reach the saved settings; YAML and flags still win."""
+    from ssimae.cli import main
+    from ssimae.config import PRESETS
 
-    tuned = preset_config("tuned")
-    assert (tuned.l2_warmup_steps, tuned.map_smoothing) == (PRESETS["tuned"]["l2_warmup_steps"], 2.0)
-    assert preset_config("paper") == preset_config(None)
-    with pytest.raises(SsimaeError, match="unknown preset 'fast'"):
-        preset_config("fast")
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("map-smoothing: 3\n")
+    run = tmp_path / "run"
+    assert main(["train", str(mvtec_root), "--output", str(run), "--preset", "tuned", "--config", str(settings),
+                 "--map-smoothing", "1", "--max-steps", "2", "--batch-size", "4", "--patches-per-epoch", "8",
+                 "--latent-dim", "8", "--stride", "64", "--device", "cpu", "--quiet"]) == 0
+    saved = Checkpoint.load(run / "checkpoint.pt").config
+    assert PRESETS["tuned"]["l2_warmup_steps"] == 100 and PRESETS["tuned"]["map_smoothing"] not in (1, 3)
+    assert (saved.l2_warmup_steps, saved.map_smoothing) == (100, 1.0)  # preset, then YAML, then the flag wins
+    assert main(["train", str(mvtec_root), "--output", str(tmp_path / "bad"), "--preset", "fast", "--quiet"]) == 2

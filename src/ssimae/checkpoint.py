@@ -1,68 +1,132 @@
-"""Self-describing checkpoints: everything `predict`, `evaluate` and `export` need in one file.
+"""Self-describing checkpoints: everything `predict`, `evaluate` and `export` need, in one typed object.
 
 The file holds only tensors and plain Python values, so it loads with torch.load(weights_only=True).
 It is written to a temp file and renamed, so an interrupted save never corrupts the previous one.
+Every method stores an nn.Module's state dict under `weights`: the autoencoders' parameters, or
+PatchCore's backbone and memory bank; `build_network` makes the module those weights belong to.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from . import __version__
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, known_settings
 from .errors import SsimaeError
 from .files import atomic_path
-from .losses import METHODS
-from .models import build_model
+from .methods import METHODS
 
-FORMAT = "ssimae-checkpoint-1"
-
-
-def checkpoint_dict(
-    model: torch.nn.Module,
-    config: Config,
-    channels: int,
-    threshold: float | None,
-    threshold_rule: str | None,
-    training: dict,
-    optimizer: torch.optim.Optimizer | None = None,
-    history: list[dict] | None = None,
-) -> dict:
-    method = METHODS[config.method]
-    return {
-        "format": FORMAT,
-        "version": __version__,
-        "method": config.method,
-        "model_kind": method.model_kind,
-        "model_kwargs": {"channels": channels, "latent_dim": config.latent_dim, "patch_size": config.patch_size},
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": config.to_dict(),
-        # What predict needs, repeated at the top level so a reader need not know Config:
-        "color": config.color,
-        "image_size": config.image_size,
-        "patch_size": config.patch_size,
-        "stride": config.stride,
-        "threshold": threshold,
-        "threshold_rule": threshold_rule,
-        "normalisation": "pixels scaled to [0, 1] by bit depth; no mean/std",
-        "training": training,  # step, epoch, seconds, complete
-        "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
-        "history": history or [],
-    }
+FORMAT = "ssimae-checkpoint"
+SCHEMA = 2  # 1: the untyped dict of ssimae 0.1.0 (still read)
+NORMALISATION = "pixels scaled to [0, 1] by bit depth; no mean/std"
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+@dataclass
+class TrainingState:
+    step: int = 0  # optimiser steps done (0 for methods without gradient training)
+    epoch: int = 0
+    seconds: float = 0.0  # training time, summed over resumed segments
+    complete: bool = False  # True once the threshold is chosen
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    path = Path(path)
+@dataclass
+class Thresholds:
+    """Decision thresholds chosen on defect-free validation images."""
+
+    pixel: float  # a pixel is defective when its anomaly score is > this
+    pixel_rule: str  # how it was chosen, in words
+
+
+@dataclass
+class Checkpoint:
+    config: Config
+    channels: int  # 1 (gray) or 3 (rgb)
+    weights: dict[str, torch.Tensor]  # state dict of build_network(config, channels)
+    thresholds: Thresholds | None = None  # None until training has finished
+    training: TrainingState = field(default_factory=TrainingState)
+    history: list[dict] = field(default_factory=list)  # one record per epoch
+    optimizer_state: dict | None = None
+    version: str = __version__
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "schema": SCHEMA,
+            "version": self.version,
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "channels": self.channels,
+            "normalisation": NORMALISATION,
+            "weights": {k: v.detach().cpu() for k, v in self.weights.items()},
+            "thresholds": dataclasses.asdict(self.thresholds) if self.thresholds else None,
+            "training": dataclasses.asdict(self.training),
+            "history": self.history,
+            "optimizer_state": self.optimizer_state,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(self.to_dict(), tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Checkpoint":
+        """A checkpoint file, checked: format, schema, settings and the weights' names and shapes."""
+        path = Path(path)
+        state = _read(path)
+        try:
+            checkpoint = _from_v1(state) if state.get("format") == "ssimae-checkpoint-1" else _from_dict(state)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise SsimaeError(f"checkpoint {path} is incomplete or damaged ({_describe(error)}); "
+                              "train again with `ssimae train`") from None
+        except SsimaeError as error:
+            raise SsimaeError(f"checkpoint {path} has invalid settings ({error}); train again with `ssimae train`") \
+                from None
+        checkpoint.network(source=path)  # fails now, naming the file, if the weights do not fit
+        return checkpoint
+
+    def network(self, source: str | os.PathLike = "checkpoint") -> torch.nn.Module:
+        """The method's module with these weights, in eval mode, on the CPU."""
+        module = build_network(self.config, self.channels)
+        try:
+            module.load_state_dict(self.weights)
+        except RuntimeError as error:  # missing or unexpected keys, shape mismatch
+            raise SsimaeError(f"checkpoint {source}: its weights do not fit a {self.method} model "
+                              f"({_describe(error)}); train again with `ssimae train`") from None
+        return module.eval()
+
+
+def build_network(config: Config, channels: int) -> torch.nn.Module:
+    """The (untrained) module of config.method for images with `channels` channels."""
+    model = METHODS[config.method].model
+    if model in ("ae", "vae"):
+        from .models import build_model
+
+        return build_model(model, channels, config.latent_dim, config.patch_size)
+    if model == "blur":
+        from .blur import BlurResidual
+
+        return BlurResidual(config.blur_sigma)
+    raise ValueError(f"method {config.method!r} has no network builder")
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """The raw dict of a checkpoint file (checked only for being one)."""
+    return _read(Path(path))
+
+
+def _read(path: Path) -> dict:
     if path.is_dir():
         raise SsimaeError(f"checkpoint {path} is a folder; pass the checkpoint file, e.g. {path / 'checkpoint.pt'}")
     if not path.is_file():
@@ -78,41 +142,95 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             f"cannot load checkpoint {path}: it is damaged or not an ssimae checkpoint ({_load_error_reason(error)}); "
             "train one with `ssimae train`"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, "ssimae-checkpoint-1"):
         raise SsimaeError(f"{path} is not an ssimae checkpoint (format {FORMAT})")
+    if state.get("format") == FORMAT and state.get("schema") != SCHEMA:
+        raise SsimaeError(f"checkpoint {path} has schema {state.get('schema')!r}; this ssimae {__version__} reads "
+                          f"schema {SCHEMA}: use the ssimae version that wrote it, or train again")
     return state
+
+
+def _from_dict(state: dict) -> Checkpoint:
+    thresholds = state["thresholds"]
+    return Checkpoint(
+        config=_config(state["config"]),
+        channels=_channels(state["channels"]),
+        weights=_weights(state["weights"]),
+        thresholds=Thresholds(**_threshold_fields(thresholds)) if thresholds is not None else None,
+        training=TrainingState(**state["training"]),
+        history=list(state["history"]),
+        optimizer_state=state["optimizer_state"],
+        version=str(state["version"]),
+    )
+
+
+def _from_v1(state: dict) -> Checkpoint:
+    """The untyped dict written by ssimae 0.1.0."""
+    threshold = state["threshold"]
+    return Checkpoint(
+        config=_config(state["config"]),
+        channels=_channels(state["model_kwargs"]["channels"]),
+        weights=_weights(state["model_state"]),
+        thresholds=Thresholds(_finite(threshold), str(state["threshold_rule"])) if threshold is not None else None,
+        training=TrainingState(**state["training"]),
+        history=list(state.get("history") or []),
+        optimizer_state=state.get("optimizer_state"),
+        version=str(state.get("version", "0.1.0")),
+    )
+
+
+def _config(values: Any) -> Config:
+    if not isinstance(values, dict):
+        raise TypeError("config is not a dict of settings")
+    return config_from_dict(known_settings(values)).validate()
+
+
+def _channels(value: Any) -> int:
+    if value not in (1, 3):
+        raise ValueError(f"channels {value!r} is not 1 or 3")
+    return int(value)
+
+
+def _weights(values: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(values, dict) or not all(isinstance(v, torch.Tensor) for v in values.values()):
+        raise TypeError("weights are not a dict of tensors")
+    return values
+
+
+def _threshold_fields(values: Any) -> dict:
+    if not isinstance(values, dict):
+        raise TypeError("thresholds are not a dict")
+    names = {f.name for f in dataclasses.fields(Thresholds)}
+    result = {k: v for k, v in values.items() if k in names}
+    result["pixel"] = _finite(result["pixel"])
+    return result
+
+
+def _finite(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"threshold {value!r} is not a finite number")
+    return float(value)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, KeyError):
+        return f"missing {text}"
+    return (text[:200] + "...") if len(text) > 200 else (text or type(error).__name__)
 
 
 def _load_error_reason(error: Exception) -> str:
     """The informative part of a torch.load error, on one line.
 
-    A weights-only failure starts with advice to load with weights_only=False, which is wrong for a
-    foreign or damaged file; the reason follows 'WeightsUnpickler error:'. Some errors have no text.
+    A weights-only failure carries torch's advice to load with weights_only=False, which is wrong
+    for a foreign or damaged file: that advice is dropped and the reason kept.
     """
     text = str(error)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-class LoadedModel(NamedTuple):
-    model: torch.nn.Module  # in eval mode, on the CPU
-    config: Config
-    state: dict  # the whole checkpoint dict
-
-
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """The model and settings of a checkpoint, ready for inference."""
-    state = read_checkpoint(path)
-    model = build_model(state["model_kind"], **state["model_kwargs"])
-    model.load_state_dict(state["model_state"])
-    model.eval()
-    config = config_from_dict(_known_keys(state["config"]), source=str(path))
-    return LoadedModel(model, config, state)
-
-
-def _known_keys(values: dict[str, Any]) -> dict[str, Any]:
-    """Config values of a checkpoint, ignoring settings this version no longer has."""
-    known = Config.__dataclass_fields__
-    return {k: v for k, v in values.items() if k in known}
+    for marker in ("WeightsUnpickler error:", "Unsupported operand", "Unsupported global"):
+        if marker in text:
+            text = text[text.index(marker):].replace("WeightsUnpickler error:", "")
+            break
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and "weights_only" not in line and "torch.load" not in line
+             and "Please file an issue" not in line and "unsafe" not in line.lower()]
+    return lines[0][:200] if lines else type(error).__name__

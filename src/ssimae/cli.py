@@ -1,4 +1,11 @@
-"""Command line: ssimae train | predict | evaluate | compare | report | export. The only module that parses argv and prints."""
+"""Command line: ssimae train | predict | evaluate | compare | report | export. The only module that parses argv and prints.
+
+Every setting flag is derived from a Config field (name, type, help text from the field's comment,
+allowed values from config.CHOICES); predict and evaluate get the fields that may change after
+training (config.INFERENCE_SETTINGS). An error about a setting names the flag the user typed.
+Exit codes: 0 done; 1 predict finished but some images could not be read (errors.csv); 2 a user
+error (one line on stderr, nothing half-written); 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +15,39 @@ import inspect
 import logging
 import re
 import sys
-import typing
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import __version__
-from .config import PRESETS, Config, config_from_dict, load_config, preset_config
-from .errors import SsimaeError
+from .config import BACKENDS, CHOICES, INFERENCE_SETTINGS, PRESETS, Config, config_from_dict, load_config, \
+    preset_config, setting_type
+from .errors import SettingError, SsimaeError
 
 log = logging.getLogger("ssimae")
+TYPED = "_typed_flags"  # namespace attribute: setting name -> the flag the user typed for it
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """argparse's usage errors on one line, like every other user error."""
+        self.exit(2, f"ssimae: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+def _recording(base: type[argparse.Action]) -> type[argparse.Action]:
+    """An argparse action that also records which option string set its destination."""
+
+    class Recording(base):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            typed = getattr(namespace, TYPED, None) or {}
+            typed[self.dest] = option_string
+            setattr(namespace, TYPED, typed)
+
+    return Recording
+
+
+_STORE, _BOOLEAN = _recording(argparse._StoreAction), _recording(argparse.BooleanOptionalAction)
 
 
 def _field_help() -> dict[str, str]:
@@ -26,25 +56,49 @@ def _field_help() -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]+#(.*)$", source, re.M)}
 
 
-def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per Config field; unset flags stay None so YAML and defaults show through."""
-    hints = typing.get_type_hints(Config)
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names, title: str, aliases: dict[str, str] | None = None,
+                      defaults_from: str = "") -> None:
+    """One --flag per named Config field; unset flags stay None so YAML, presets and defaults show through."""
     helps = _field_help()
-    group = parser.add_argument_group("settings (also settable in a YAML --config)")
-    for field in dataclasses.fields(Config):
-        if field.name in skip:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        hint = hints[field.name]
-        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        text = f"{helps.get(field.name, '')} (default: {field.default})"
-        if base is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+    group = parser.add_argument_group(title)
+    for name in names:
+        kind, _ = setting_type(name)
+        field = Config.__dataclass_fields__[name]
+        text = helps.get(name, "")
+        if name in CHOICES:
+            text = f"{' | '.join(CHOICES[name])}{text[text.find(':'):] if ':' in text else ''}"
+        text += f" (default: {defaults_from or field.default})"
+        flags = [_flag(name)] + ([aliases[name]] if aliases and name in aliases else [])
+        if kind is bool:
+            group.add_argument(*flags, dest=name, action=_BOOLEAN, default=None, help=text)
         else:
-            group.add_argument(flag, dest=field.name, type=base, default=None, help=text, metavar=base.__name__.upper())
-    group.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
-    group.add_argument("--preset", choices=sorted(PRESETS),
-                       help="named settings under --config and flags: paper (the defaults) or tuned")
+            group.add_argument(*flags, dest=name, action=_STORE, type=_typed(kind, name), default=None, help=text,
+                               metavar=kind.__name__.upper())
+
+
+def _typed(kind: type, name: str):
+    """A flag's value converter with a short message (argparse prefixes it with the flag)."""
+
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    add_setting_flags(parser, [f.name for f in dataclasses.fields(Config) if f.name not in skip],
+                      "settings (also settable in a YAML --config)")
+    parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="named settings under --config and flags: paper (the defaults) or tuned")
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -56,12 +110,16 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config_from_dict(overrides, config, source="command line").validate()
 
 
+def inference_overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in INFERENCE_SETTINGS if getattr(args, name, None) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssimae", description="Unsupervised defect segmentation with SSIM autoencoders.")
+    parser = _Parser(prog="ssimae", description="Unsupervised defect segmentation with SSIM autoencoders.")
     parser.add_argument("--version", action="version", version=f"ssimae {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info messages")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", parents=[common], help="train a model on defect-free images")
     train.add_argument("dataset", type=Path, help="MVTec AD category folder, or a folder of defect-free images")
@@ -73,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("checkpoint", type=Path)
     predict.add_argument("input", type=Path, help="an image file or a folder (searched recursively)")
     predict.add_argument("--output", "-o", type=Path, required=True)
-    predict.add_argument("--threshold", type=float, help="override the checkpoint's threshold")
+    predict.add_argument("--threshold", type=_typed(float, "threshold"), help="override the checkpoint's threshold")
+    predict.add_argument("--strict", action="store_true",
+                         help="stop at the first unreadable image (default: skip it, list it in errors.csv, exit 1)")
     _add_inference_flags(predict)
 
     evaluate = commands.add_parser("evaluate", parents=[common], help="pixel ROC AUC, AU-PRO and image AUROC on a test split")
@@ -81,12 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("dataset", type=Path, help="MVTec AD category folder with test/ and ground_truth/")
     evaluate.add_argument("--output", "-o", type=Path, required=True)
     evaluate.add_argument("--save-maps", action="store_true", help="also write maps/<defect>/<name>.tiff")
+    evaluate.add_argument("--threshold", type=_typed(float, "threshold"), help="override the checkpoint's threshold")
     _add_inference_flags(evaluate)
 
     compare = commands.add_parser("compare", parents=[common],
                                   help="train and evaluate several methods with one budget; metrics, curves, HTML report")
     compare.add_argument("dataset", type=Path, help="MVTec AD category folder with train/good, test/ and ground_truth/")
-    compare.add_argument("--methods", default="ssim-ae,l2-ae,vae,fm-ae", help="comma-separated (default: all four)")
+    compare.add_argument("--methods", default="ssim-ae,l2-ae,vae,fm-ae", help="comma-separated (default: the paper's four)")
     compare.add_argument("--checkpoints", help="reuse trained models instead of training: method=path,method=path")
     compare.add_argument("--output", "-o", type=Path, required=True,
                          help="folder for runs/<method>/, metrics.{md,csv,json}, roc.png, pro.png, examples/, report.html")
@@ -96,24 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path, help="the --output folder of `ssimae compare`")
 
     export = commands.add_parser("export", parents=[common],
-                                 help="ONNX model: patches -> reconstruction and residual map, settings in its metadata")
+                                 help="ONNX model: the network part of the detector, settings in its metadata")
     export.add_argument("checkpoint", type=Path, help="a checkpoint.pt written by `ssimae train`")
     export.add_argument("--output", "-o", type=Path, required=True,
                         help="the .onnx file to write; run it with `ssimae predict model.onnx ... --backend onnxruntime`")
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default: 17)")
+    export.add_argument("--opset", type=_typed(int, "opset"), default=17, help="ONNX opset, 17 or newer (default: 17)")
     return parser
 
 
 def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stride", type=int, help="sliding-window stride (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, help="patches per forward pass (default: the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                        help="run patches with PyTorch or ONNX Runtime; onnxruntime also takes an exported .onnx "
-                             "file as the checkpoint (default: torch)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                        help="torch backend: bf16 autocast for the network (auto = bf16 on CUDA, fp32 on CPU; "
-                             "default: the checkpoint's setting)")
+    add_setting_flags(parser, INFERENCE_SETTINGS, "inference settings (default: the checkpoint's)",
+                      aliases={"infer_batch_size": "--batch-size"}, defaults_from="the checkpoint's; device: auto")
+    parser.add_argument("--backend", default="torch",
+                        help=f"{' | '.join(BACKENDS)}: run the network with PyTorch or ONNX Runtime; onnxruntime also "
+                             "takes an exported .onnx file as the checkpoint (default: torch)")
 
 
 def _progress(args, desc: str):
@@ -133,22 +190,31 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
-    from .predict import load_detector, predict_folder
+def _detector(args):
+    from .detector import load_detector
 
-    detector = load_detector(args.checkpoint, args.device, args.stride, args.batch_size, args.backend, args.precision)
-    rows = predict_folder(detector, args.input, args.output, args.threshold, _progress(args, "predict"))
-    defective = sum(r["defective"] == "yes" for r in rows)
-    print(f"{len(rows)} image(s), {defective} defective; maps, masks, overlays and scores.csv in {args.output}")
+    return load_detector(args.checkpoint, args.backend, inference_overrides(args), args.threshold)
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_folder
+
+    result = predict_folder(_detector(args), args.input, args.output, args.threshold, _progress(args, "predict"),
+                            strict=args.strict)
+    defective = sum(r["defective"] == "yes" for r in result.rows)
+    print(f"{len(result.rows)} image(s), {defective} defective; maps, masks, overlays and scores.csv in {args.output}")
+    if result.errors:
+        print(f"ssimae: {len(result.errors)} image(s) could not be read and were skipped (first: {result.errors[0][0]}); "
+              f"see {Path(args.output) / 'errors.csv'}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table
-    from .predict import load_detector
 
-    detector = load_detector(args.checkpoint, args.device, args.stride, args.batch_size, args.backend, args.precision)
-    metrics = evaluate(detector, args.dataset, args.output, _progress(args, "evaluate"), args.save_maps)
+    metrics = evaluate(_detector(args), args.dataset, args.output, _progress(args, "evaluate"), args.save_maps,
+                       args.threshold)
     print(format_table(metrics))
     print(f"metrics: {Path(args.output) / 'metrics.json'}")
     return 0
@@ -176,12 +242,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx, read_metadata
+    from .export import export_onnx
+    from .onnx_backend import load_onnx
 
     path = export_onnx(args.checkpoint, args.output, args.opset)
-    meta = read_metadata(path)
-    print(f"exported {meta['method']} ({meta['color']}, patch {meta['patch_size']}, stride {meta['stride']}, "
-          f"threshold {meta['threshold'] or 'none'}) to {path}")
+    loaded = load_onnx(path)
+    config = loaded.config
+    print(f"exported {config.method} ({config.color}, patch {config.patch_size}, stride {config.stride}, "
+          f"threshold {loaded.threshold if loaded.threshold is not None else 'none'}) to {path}")
     return 0
 
 
@@ -189,8 +257,25 @@ COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate
             "report": cmd_report, "export": cmd_export}
 
 
+def _setting_message(error: SettingError, args: argparse.Namespace) -> str:
+    """The error text with the setting's name replaced by the flag the user typed for it."""
+    text = str(error)
+    flag = (getattr(args, TYPED, None) or {}).get(error.setting)
+    if flag is None:
+        return text
+    for spelling in (error.setting, error.setting.replace("_", " ")):
+        if spelling in text:
+            return text.replace(spelling, flag, 1)
+    return f"{flag}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # a usage error was printed on one line; --help and --version exit 0
+        if exit.code == 2:
+            return 2
+        raise
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     handler.setLevel(logging.WARNING if args.quiet else logging.INFO)  # filter here: train.log still gets INFO
@@ -199,8 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     log.propagate = False
     try:
         return COMMANDS[args.command](args)
+    except SettingError as error:
+        print(f"ssimae: error: {_setting_message(error, args)}", file=sys.stderr)
+        return 2
     except SsimaeError as error:
         print(f"ssimae: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the file system refused: read-only, full disk, a file where a folder should be
+        where = f" {error.filename}" if error.filename else ""
+        print(f"ssimae: error: cannot write or read{where}: {error.strerror or error}; "
+              "check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ssimae: interrupted", file=sys.stderr)

@@ -23,22 +23,21 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import load_model, read_checkpoint
+from .checkpoint import Checkpoint
 from .config import METHOD_NAMES, Config
-from .data import find_test_items, load_mask, read_image, resize_map, to_color
+from .data import find_test_items, load_mask, read_image, resize_array, resize_map, to_color
+from .detector import load_detector
 from .errors import SsimaeError
 from .evaluate import TestMaps, compute_test_maps, metrics_of
-from .files import atomic_path, atomic_write_text
-from .inference import sliding_window, torch_patch_fn
-from .losses import METHODS
+from .files import atomic_path, atomic_write_text, json_safe
+from .methods import PAPER_METHODS
 from .metrics import pixel_auroc, pixel_roc_curve, pro_curve
-from .predict import load_detector, overlay_image
+from .predict import overlay_image
 from .report import FORMAT, write_report
 from .ssim import ssim_components
-from .train import build_feature_extractor_for, fit, resolve_device, ssim_settings
+from .train import fit
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ CURVE_POINTS = 2000  # grid size for thinning curves (the saved curves have a fe
 EXAMPLE_SIDE = 512  # longest side of the saved comparison-example arrays
 THUMB_SIDE = 200  # longest side of the per-method HTML thumbnails
 PICKS = 2  # best and worst segmented images per method in the HTML
-PAPER_METHODS = ("l2-ae", "ssim-ae")  # the columns of the paper's comparison figure, in its order
+EXAMPLE_METHODS = ("l2-ae", "ssim-ae")  # the columns of the paper's comparison figure, in its order
 
 
 # --------------------------------------------------------------------------- user input
@@ -89,7 +88,7 @@ def check_checkpoints(checkpoints: dict[str, Path], methods: list[str]) -> None:
                               "add it to --methods or drop the entry")
         if not Path(path).is_file():
             raise SsimaeError(f"--checkpoints entry {entry!r}: checkpoint {path} does not exist; fix the path or drop the entry")
-        trained = read_checkpoint(path)["method"]
+        trained = Checkpoint.load(path).method
         if trained != method:
             raise SsimaeError(f"--checkpoints entry {entry!r}: {path} was trained with {trained}, not {method}; "
                               f"pass it as {trained}={path}")
@@ -166,14 +165,10 @@ def shrink(array: np.ndarray, max_side: int) -> np.ndarray:
     scale = max_side / max(height, width)
     if scale >= 1:
         return array
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    tensor = tensor[None, None] if array.ndim == 2 else tensor.permute(2, 0, 1)[None]  # (1, C, H, W)
-    small = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    small = small[0] if array.ndim == 2 else small.permute(1, 2, 0)
+    small = resize_array(array, max(1, round(height * scale)), max(1, round(width * scale)))
     if array.dtype == bool:
-        return (small > 0).numpy()  # a small defect stays visible when shrunk
-    return small.numpy().astype(array.dtype)
+        return small > 0  # a small defect stays visible when shrunk
+    return small.astype(array.dtype)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -197,21 +192,19 @@ def method_picks(test: TestMaps, rows: list[dict], threshold: float | None, meth
     return picks
 
 
-def example_arrays(image: np.ndarray, mask: np.ndarray, checkpoints: dict[str, Path], config: Config,
-                   device: torch.device) -> dict[str, np.ndarray]:
+def example_arrays(image: np.ndarray, mask: np.ndarray, checkpoints: dict[str, Path], config: Config) \
+        -> dict[str, np.ndarray]:
     """The arrays of one comparison row: input, and per paper method its reconstruction, residual and
     segmentation; for ssim-ae also the luminance, contrast and structure maps of input vs reconstruction."""
     height, width = image.shape[:2]
     arrays = {"input": to_uint8(shrink(to_color(image, "rgb"), EXAMPLE_SIDE)), "ground_truth": shrink(mask, EXAMPLE_SIDE)}
-    for method in PAPER_METHODS:
+    for method in EXAMPLE_METHODS:
         if method not in checkpoints:
             continue
-        detector = load_detector(checkpoints[method], str(device), config.stride, config.infer_batch_size)
+        detector = load_detector(checkpoints[method], overrides=_inference_overrides(config))
+        cfg = detector.config
         residual = detector.anomaly_map(image)  # (H, W): the map the metrics were computed on
-        model, cfg, state = load_model(checkpoints[method])
-        reconstruct = torch_patch_fn(model.to(device), METHODS[method], ssim_settings(cfg), device, outputs="reconstruction")
-        recon = sliding_window(detector.preprocess(image), reconstruct, cfg.patch_size, detector.config.stride,
-                               detector.config.infer_batch_size)  # (C, H', W'): averaged patch reconstructions
+        recon = detector.reconstruct(detector.preprocess(image))  # (C, H', W'): averaged patch reconstructions
         recon = np.stack([resize_map(channel, height, width) for channel in recon], axis=-1)  # (H, W, C)
         short = "ssim" if method == "ssim-ae" else "l2"
         arrays[f"{short}_reconstruction"] = to_uint8(shrink(recon, EXAMPLE_SIDE))
@@ -234,11 +227,16 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 # --------------------------------------------------------------------------- the comparison
 
 
+def _inference_overrides(config: Config) -> dict:
+    """The compare settings that apply to every method's detector, trained here or reused."""
+    return {"device": config.device, "infer_batch_size": config.infer_batch_size}
+
+
 def compare(
     config: Config,
     dataset: str | os.PathLike,
     output_dir: str | os.PathLike,
-    methods: Sequence[str] = METHOD_NAMES,
+    methods: Sequence[str] = PAPER_METHODS,
     checkpoints: dict[str, Path] | None = None,
     progress: bool = False,
     image_progress: Callable[[str], Callable | None] | None = None,
@@ -260,15 +258,16 @@ def compare(
         if method not in checkpoints and existing.exists():
             raise SsimaeError(f"{existing} exists from an earlier run; reuse it with --checkpoints {method}={existing} "
                               "or choose another --output")
-    device = resolve_device(config.device)
     if "fm-ae" in methods and "fm-ae" not in checkpoints:  # a bad --feature-net fails now, not after the others train
-        build_feature_extractor_for(dataclasses.replace(config, method="fm-ae"), torch.device("cpu"))
+        from .features import extractor_for
+
+        extractor_for(config)
     data_dir = output / "examples" / "data"
 
     results, curves = {}, {}
     for method in methods:
         training = train_or_reuse(config, method, dataset, output, checkpoints, progress)
-        detector = load_detector(checkpoints[method], config.device, config.stride, config.infer_batch_size)
+        detector = load_detector(checkpoints[method], overrides=_inference_overrides(config))
         log.info("evaluating %s on %s", method, test_root)
         started = time.monotonic()
         test = compute_test_maps(detector, dataset, image_progress(method) if image_progress else None)
@@ -288,7 +287,7 @@ def compare(
         mask = load_mask(item.mask_path, image.shape[:2]) if item.mask_path else np.zeros(image.shape[:2], dtype=bool)
         example["file"] = f"examples/data/example_{number}_{example['rank']}.npz"
         example["figure"] = f"examples/{number}_{example['rank']}_{item.path.stem}.png"
-        save_npz(output / example["file"], **example_arrays(image, mask, checkpoints, config, device))
+        save_npz(output / example["file"], **example_arrays(image, mask, checkpoints, config))
 
     settings = {k: v for k, v in config.to_dict().items() if k != "method"}
     saved = {"format": FORMAT, "version": __version__, "dataset": str(dataset), "methods": methods,
@@ -302,22 +301,20 @@ def compare(
 def train_or_reuse(config: Config, method: str, dataset: Path, output: Path, checkpoints: dict[str, Path],
                    progress: bool) -> dict:
     """Train `method` into output/runs/<method> unless a checkpoint is given; record it in `checkpoints`."""
-    if method in checkpoints:
-        state = read_checkpoint(checkpoints[method])
-        training = state["training"]
-        log.info("reusing %s checkpoint %s (%d steps)", method, checkpoints[method], training["step"])
-        reused = True
+    reused = method in checkpoints
+    if reused:
+        log.info("reusing %s checkpoint %s", method, checkpoints[method])
     else:
         run_dir = output / "runs" / method
         log.info("training %s into %s", method, run_dir)
-        result = fit(dataclasses.replace(config, method=method), dataset, run_dir, progress=progress)
-        checkpoints[method] = result.checkpoint
-        state = read_checkpoint(result.checkpoint)
-        training = state["training"]
-        reused = False
-    last = state["history"][-1] if state.get("history") else {}
-    return {"seconds": training["seconds"], "steps": training["step"], "epochs": training["epoch"],
-            "checkpoint": str(checkpoints[method]), "reused": reused, "threshold": state["threshold"],
+        checkpoints[method] = fit(dataclasses.replace(config, method=method), dataset, run_dir,
+                                  progress=progress).checkpoint
+    checkpoint = Checkpoint.load(checkpoints[method])
+    training = checkpoint.training
+    last = checkpoint.history[-1] if checkpoint.history else {}
+    return {"seconds": training.seconds, "steps": training.step, "epochs": training.epoch,
+            "checkpoint": str(checkpoints[method]), "reused": reused,
+            "threshold": checkpoint.thresholds.pixel if checkpoint.thresholds else None,
             "fidelity_corr": last.get("fidelity_corr"), "detail_ratio": last.get("detail_ratio")}
 
 
@@ -336,16 +333,3 @@ def choose_examples(results: dict, methods: list[str]) -> list[dict]:
             chosen.append((rank, order[position]))
     return [{"rank": rank, "ranked_by": ranker, "path": rows[i]["path"], "defect_type": rows[i]["defect_type"],
              "pixel_auroc": rows[i]["pixel_auroc"]} for rank, i in chosen]
-
-
-def json_safe(value):
-    """NaN/inf -> None and numpy scalars -> Python, so the file is strict JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value

@@ -1,6 +1,7 @@
 """One flat dataclass of settings. Defaults follow the paper and the MVTec AD protocol.
 
-Precedence: dataclass defaults < YAML file (--config) < command-line flags.
+Precedence: dataclass defaults < preset < YAML file (--config) < command-line flags. Every setting is
+parsed and checked here, once; the rest of the package reads typed values (e.g. `config.resize`).
 """
 
 from __future__ import annotations
@@ -14,17 +15,29 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SsimaeError
+from .errors import SettingError, SsimaeError
 from .files import atomic_write_text
+from .methods import METHODS
 
-METHOD_NAMES = ("ssim-ae", "l2-ae", "vae", "fm-ae")  # the methods of losses.METHODS
+METHOD_NAMES = tuple(METHODS)
+BACKENDS = ("torch", "onnxruntime")
+# The allowed values of every enumerated setting: validation, --help and the CLI read them here.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHOD_NAMES,
+    "color": ("gray", "rgb"),
+    "rotate": ("none", "90", "any"),
+    "precision": ("auto", "fp32", "bf16"),
+}
+# The map smoothing of each method when map_smoothing is not set: PatchCore's paper smooths with
+# sigma 4; the blur floor is defined with sigma 2 (README); the autoencoders' maps are not smoothed.
+METHOD_SMOOTHING = {"patchcore": 4.0, "blur": 2.0}
+# Settings that may differ at inference time from training (predict/evaluate flags).
+INFERENCE_SETTINGS = ("stride", "infer_batch_size", "device", "precision")
 
 # Named bundles of settings, applied over the defaults and under a YAML file and flags.
 # "paper" is the paper's and the MVTec protocol's settings (the defaults). "tuned" adds what helped
-# short CPU budgets (README, Results): an L2 warm-up, without which the SSIM-trained net sat in a
-# flat-output state (input/reconstruction correlation 0.01 after 400 steps on magnetic_tile, 0.91
-# with it), and a sigma-2 Gaussian on the maps (sigma 2 raised pixel ROC AUC and AU-PRO of both
-# paper-preset models there; sigma 4 and 8 lowered AU-PRO).
+# short CPU budgets (README, Results): an L2 warm-up against the flat-output state of SSIM training,
+# and a sigma-2 Gaussian on the maps.
 PRESETS: dict[str, dict] = {
     "paper": {},
     "tuned": {"l2_warmup_steps": 100, "map_smoothing": 2.0},
@@ -34,7 +47,7 @@ PRESETS: dict[str, dict] = {
 @dataclass
 class Config:
     # --- method and model
-    method: str = "ssim-ae"  # ssim-ae | l2-ae | vae | fm-ae
+    method: str = "ssim-ae"  # ssim-ae | l2-ae | vae | fm-ae | patchcore | blur
     latent_dim: int = 100  # d of Table 1; MVTec found larger gave no gain
     patch_size: int = 128  # 128, or 256 for the extra-layer variant
     color: str = "gray"  # gray | rgb; the MVTec protocol ran the SSIM-AE on gray images
@@ -65,54 +78,74 @@ class Config:
     feature_net: str = "efficientnet-lite0"  # or a torchvision model name with feature_weights
     feature_cut: int | None = None  # layers of the feature net kept; None = its default
     feature_weights: str | None = None  # local weights file for a torchvision feature net
+    # --- blur (the no-network floor)
+    blur_sigma: float = 8.0  # std (pixels) of the Gaussian each image is compared with
     # --- inference and threshold
     stride: int = 30  # sliding-window stride in pixels (MVTec used 30)
     infer_batch_size: int = 64  # patches per forward pass at inference
-    map_smoothing: float = 0.0  # std (pixels) of a Gaussian applied to anomaly maps; 0 = off, as in the paper
+    map_smoothing: float | None = None  # std (pixels) of a Gaussian on the anomaly maps; empty = the method's (0 = off, as in the paper, for the autoencoders; 4 patchcore; 2 blur)
     min_defect_area: int = 25  # MVTec rule: threshold so no validation blob is larger than this (pixels)
     threshold_fpr: float | None = None  # instead: pixel false-positive rate on validation images
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16: auto = bf16 autocast (+ channels_last) on CUDA, fp32 on CPU
 
+    @property
+    def resize(self) -> int | tuple[int, int] | None:
+        """The parsed image_size: None, a shorter side, or (width, height)."""
+        return parse_image_size(self.image_size)
+
+    @property
+    def smoothing(self) -> float:
+        """map_smoothing, or the method's own default when it is not set."""
+        return METHOD_SMOOTHING.get(self.method, 0.0) if self.map_smoothing is None else self.map_smoothing
+
+    @property
+    def kind(self) -> str:
+        """The method's kind: 'reconstruction' or 'memory'."""
+        return METHODS[self.method].kind
+
     def validate(self) -> "Config":
-        if self.method not in METHOD_NAMES:
-            raise SsimaeError(f"unknown method {self.method!r}; use one of {', '.join(METHOD_NAMES)}")
-        if self.color not in ("gray", "rgb"):
-            raise SsimaeError(f"color {self.color!r} is not gray or rgb")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise SettingError(name, f"{name} {value!r} is not one of {', '.join(allowed)}")
         if self.patch_size not in (128, 256):
-            raise SsimaeError(f"patch size {self.patch_size} is not supported; use 128 or 256")
-        if self.rotate not in ("none", "90", "any"):
-            raise SsimaeError(f"rotate {self.rotate!r} is not none, 90 or any")
+            raise SettingError("patch_size", f"patch size {self.patch_size} is not supported; use 128 or 256")
         if self.stride < 1 or self.stride > self.patch_size:
-            raise SsimaeError(
+            raise SettingError(
+                "stride",
                 f"stride {self.stride} is outside 1..{self.patch_size}: tiles would leave gaps; "
-                f"use a stride <= the patch size {self.patch_size}"
+                f"use a stride <= the patch size {self.patch_size}",
             )
         for name in ("latent_dim", "patches_per_epoch", "epochs", "batch_size", "infer_batch_size"):
             if getattr(self, name) < 1:
-                raise SsimaeError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise SettingError(name, f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
-            raise SsimaeError(f"val_fraction {self.val_fraction} must be in [0, 1)")
+            raise SettingError("val_fraction", f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.threshold_fpr is not None and not 0 < self.threshold_fpr < 1:
-            raise SsimaeError(f"threshold_fpr {self.threshold_fpr} must be in (0, 1)")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise SsimaeError(f"precision {self.precision!r} is not auto, fp32 or bf16")
+            raise SettingError("threshold_fpr", f"threshold_fpr {self.threshold_fpr} must be in (0, 1)")
         if self.ssim_window % 2 == 0 or self.ssim_window < 3:
-            raise SsimaeError(f"ssim_window {self.ssim_window} must be odd and >= 3")
+            raise SettingError("ssim_window", f"ssim_window {self.ssim_window} must be odd and >= 3")
+        if self.ssim_window > self.patch_size // 2:
+            raise SettingError("ssim_window", f"ssim_window {self.ssim_window} must be at most half the patch size "
+                               f"({self.patch_size // 2}); use a smaller window or a larger --patch-size")
         positive = {"lr": self.lr, "ssim_sigma": self.ssim_sigma, "ssim_alpha": self.ssim_alpha,
-                    "ssim_beta": self.ssim_beta, "ssim_gamma": self.ssim_gamma}
+                    "ssim_beta": self.ssim_beta, "ssim_gamma": self.ssim_gamma, "blur_sigma": self.blur_sigma}
         if self.max_minutes is not None:
             positive["max_minutes"] = self.max_minutes
         for name, value in positive.items():
             if not (math.isfinite(value) and value > 0):
-                raise SsimaeError(f"{name} must be a positive number, got {value}")
+                raise SettingError(name, f"{name} must be a positive number, got {value}")
         for name in ("weight_decay", "vae_beta", "fm_lambda", "min_defect_area", "map_smoothing", "l2_warmup_steps"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise SsimaeError(f"{name} must be >= 0, got {value}")
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise SettingError(name, f"{name} must be >= 0, got {value}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise SsimaeError(f"max_steps must be at least 1, got {self.max_steps}")
-        parse_image_size(self.image_size)
+            raise SettingError("max_steps", f"max_steps must be at least 1, got {self.max_steps}")
+        try:
+            self.resize
+        except SsimaeError as error:
+            raise SettingError("image_size", str(error)) from None
         return self
 
     def to_dict(self) -> dict:
@@ -138,6 +171,12 @@ def parse_image_size(text: str | int | None) -> int | tuple[int, int] | None:
         raise SsimaeError(f"image size {text!r} is not a positive integer or WxH (e.g. 256 or 320x240)") from None
 
 
+def known_settings(values: dict) -> dict:
+    """The entries of `values` that are settings of this version (a checkpoint may hold retired ones)."""
+    known = {f.name for f in fields(Config)}
+    return {k: v for k, v in values.items() if k in known}
+
+
 def config_from_dict(values: dict, base: Config | None = None, source: str = "settings") -> Config:
     """A Config with the given keys replaced; unknown keys are an error naming the source."""
     known = {f.name for f in fields(Config)}
@@ -151,12 +190,17 @@ def config_from_dict(values: dict, base: Config | None = None, source: str = "se
 _BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
-def _coerce(name: str, value, source: str):
-    """A setting converted to its field's type, e.g. YAML's string '1e-3' (PyYAML reads it so) to a float."""
+def setting_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a Config field, e.g. (float, True) for `float | None`."""
     hint = typing.get_type_hints(Config)[name]
     options = typing.get_args(hint)
-    optional = type(None) in options
     kind = next((t for t in options if t is not type(None)), hint)
+    return kind, type(None) in options
+
+
+def _coerce(name: str, value, source: str):
+    """A setting converted to its field's type, e.g. YAML's string '1e-3' (PyYAML reads it so) to a float."""
+    kind, optional = setting_type(name)
     if value is None or (optional and kind is not str and str(value).lower() in ("none", "null")):
         if optional:
             return None
@@ -179,7 +223,8 @@ def _coerce(name: str, value, source: str):
             pass
     elif kind is str and isinstance(value, (str, int)) and not isinstance(value, bool):
         return str(value)
-    raise SsimaeError(f"{source}: {name} must be {'' if not optional else 'empty or '}{kind.__name__}, got {value!r}")
+    raise SettingError(name, f"{source}: {name} must be {'' if not optional else 'empty or '}{kind.__name__}, "
+                             f"got {value!r}")
 
 
 def preset_config(name: str | None) -> Config:
@@ -194,10 +239,16 @@ def preset_config(name: str | None) -> Config:
 def load_config(path: str | os.PathLike, base: Config | None = None) -> Config:
     """Config from a YAML file of flat key: value pairs (dashes or underscores in keys)."""
     path = Path(path)
+    if path.is_dir():
+        raise SsimaeError(f"config file {path} is a folder; pass a YAML file of settings")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise SsimaeError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise SsimaeError(f"config file {path} is not UTF-8 text; save it as a UTF-8 YAML file") from None
+    except OSError as error:
+        raise SsimaeError(f"cannot read config file {path}: {error.strerror or error}") from None
     except yaml.YAMLError as error:
         raise SsimaeError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):

@@ -111,32 +111,27 @@ def target_size(height: int, width: int, image_size) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def resize_array(array: np.ndarray, height: int, width: int, antialias: bool = True) -> np.ndarray:
+    """Bilinear resize of an (H, W) or (H, W, C) float array (antialiased when shrinking, if asked)."""
+    if array.shape[:2] == (height, width):
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    tensor = tensor[None, None] if array.ndim == 2 else tensor.permute(2, 0, 1)[None]  # (1, C, H, W)
+    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=antialias)[0]
+    return (resized[0] if array.ndim == 2 else resized.permute(1, 2, 0)).contiguous().numpy()
+
+
 def resize_image(array: np.ndarray, image_size) -> np.ndarray:
-    """Bilinear (antialiased when shrinking) resize of an (H, W, C) array."""
+    """An (H, W, C) image resized by a parsed image-size spec (None keeps it), values kept in [0, 1]."""
     height, width = target_size(array.shape[0], array.shape[1], image_size)
     if (height, width) == array.shape[:2]:
         return array
-    tensor = torch.from_numpy(array).permute(2, 0, 1)[None]  # (1, C, H, W)
-    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return resized[0].permute(1, 2, 0).clamp(0, 1).contiguous().numpy()
+    return np.clip(resize_array(array, height, width), 0, 1)
 
 
 def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of a 2-D anomaly map back to an image's original size."""
-    if anomaly_map.shape == (height, width):
-        return anomaly_map
-    tensor = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
-    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
-    return resized[0, 0].numpy()
-
-
-def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (UnidentifiedImageError, OSError) as error:
-        raise SsimaeError(f"cannot read image {path}: {error}; replace or remove the file") from None
+    return resize_array(anomaly_map, height, width, antialias=False)
 
 
 def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:

@@ -17,9 +17,10 @@ import numpy as np
 
 from .data import TestItem, find_test_items, load_mask, read_image
 from .errors import SsimaeError
-from .files import atomic_write_text
+from .files import atomic_write_text, json_safe
 from .metrics import evaluate_maps
-from .predict import Detector, warn_colour_mismatch, write_tiff
+from .detector import Detector
+from .predict import warn_colour_mismatch, write_tiff
 
 log = logging.getLogger(__name__)
 
@@ -101,26 +102,21 @@ def format_table(metrics: dict) -> str:
 
 def write_metrics(metrics: dict, output_dir: str | os.PathLike) -> Path:
     path = Path(output_dir) / "metrics.json"
-    atomic_write_text(path, json.dumps(_json_safe(metrics), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(metrics), indent=2) + "\n")
     return path
 
 
-def _json_safe(value):
-    """NaN -> None so the file is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def evaluate(detector: Detector, dataset: str | os.PathLike, output_dir: str | os.PathLike,
-             progress: Callable | None = None, save_maps: bool = False) -> dict:
-    """Evaluate a detector on a dataset's test split; write metrics.json (and maps/ if asked)."""
+             progress: Callable | None = None, save_maps: bool = False, threshold: float | None = None) -> dict:
+    """Evaluate a detector on a dataset's test split; write metrics.json (and maps/ if asked).
+    `threshold` replaces the detector's for the figures at the threshold."""
     if not (Path(dataset) / "test").is_dir():
         raise SsimaeError(f"{dataset} has no test folder; evaluation needs the MVTec layout test/<defect>/<image>")
-    maps_dir = Path(output_dir) / "maps" if save_maps else None
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SsimaeError(f"output {output_dir} is a file, not a folder; choose another --output")
+    maps_dir = output_dir / "maps" if save_maps else None
     test = compute_test_maps(detector, dataset, progress, maps_dir)
-    metrics = metrics_of(test, detector.threshold)
+    metrics = metrics_of(test, detector.threshold if threshold is None else threshold)
     write_metrics(metrics, output_dir)
     return metrics

@@ -43,6 +43,7 @@ from ssimae.errors import SsimaeError
 __all__ = [
     "FeatureExtractor",
     "build_feature_extractor",
+    "extractor_for",
     "packaged_efficientnet_lite0_weights",
     "ACCEPTED_NAMES",
     "DEFAULT_EFFICIENTNET_CUT",
@@ -274,3 +275,8 @@ def build_feature_extractor(
     else:
         raise SsimaeError(f"unknown feature extractor {name!r}; accepted: {', '.join(ACCEPTED_NAMES)}")
     return FeatureExtractor(trunk, key, cut)
+
+
+def extractor_for(config) -> FeatureExtractor:
+    """The FM-AE's feature extractor of a Config (feature_net, feature_cut, feature_weights)."""
+    return build_feature_extractor(config.feature_net, config.feature_cut, config.feature_weights)

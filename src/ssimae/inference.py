@@ -14,8 +14,9 @@ import torch
 from scipy import ndimage
 
 from .data import pad_to_min_size
+from .devices import resolve_precision
 from .errors import SsimaeError
-from .losses import Method, SsimSettings, reconstruction, residual_map
+from .losses import SsimSettings, reconstruction, residual_map
 
 PatchFn = Callable[[torch.Tensor], torch.Tensor]  # (N, C, P, P) -> (N, K, P, P)
 
@@ -72,21 +73,9 @@ def sliding_window(
     return total[:, :height, :width]
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """'auto' -> 'bf16' on CUDA, 'fp32' elsewhere; 'fp32' and 'bf16' as asked (bf16 also runs on CPU)."""
-    if precision not in PRECISIONS:
-        raise SsimaeError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
-
-
 def torch_patch_fn(
     model: torch.nn.Module,
-    method: Method,
+    residual: str,
     ssim: SsimSettings = SsimSettings(),
     device: torch.device | str = "cpu",
     outputs: str = "residual",
@@ -94,16 +83,15 @@ def torch_patch_fn(
 ) -> PatchFn:
     """A PatchFn running the model: outputs 'residual' (N, 1, P, P) or 'reconstruction' (N, C, P, P).
 
-    Puts `model` in eval mode and channels_last (NHWC) memory format, in place: oneDNN's NHWC
-    kernels ran the Table 1 net 1.3-1.6x faster than NCHW on the 2-core CPU (bench/speed.py),
-    and NHWC is the layout CUDA tensor cores want. precision 'bf16' (or 'auto' on CUDA) runs the
-    model under bf16 autocast; the reconstruction is cast back and the residual computed in fp32.
+    `residual` is 'ssim' or 'l2'. Puts `model` in eval mode and channels_last (NHWC) memory format,
+    in place (NHWC is faster with oneDNN and what CUDA tensor cores want; bench/README.md).
+    precision 'bf16' runs the network under bf16 autocast; the residual is computed in fp32.
     On CPU the patches go through in micro-batches of INFER_MICRO_BATCH.
     """
     model.eval()
     model.to(memory_format=torch.channels_last)
     device = torch.device(device)
-    bf16 = resolve_precision(precision, device) == "bf16"
+    bf16 = resolve_precision(precision, device, "infer") == "bf16"
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -111,7 +99,7 @@ def torch_patch_fn(
         x_hat = reconstruction(output).float().contiguous()  # (n, C, P, P), fp32, NCHW
         if outputs == "reconstruction":
             return x_hat
-        return residual_map(method.residual, x, x_hat, ssim)
+        return residual_map(residual, x, x_hat, ssim)
 
     @torch.inference_mode()
     def patch_fn(patches: torch.Tensor) -> torch.Tensor:
@@ -121,10 +109,8 @@ def torch_patch_fn(
     return patch_fn
 
 
-# Patches per forward pass on CPU, whatever the caller's batch: measured on the 2-core CPU
-# (bench/speed.py, infer section) passes of 8-32 patches ran 1.3x faster than of 64-128 with torch
-# (1.07x with ONNX Runtime): the outer layers' activations of 128 patches, 64 MB, overflow the 32 MB
-# L3 cache. The caller's batch size still sets how many windows are cut from the image at a time.
+# Patches per forward pass on CPU, whatever the caller's batch: the activations of 128 patches overflow
+# the L3 cache (bench/README.md). The caller's batch size still sets how many windows are cut at a time.
 INFER_MICRO_BATCH = 32
 
 
@@ -135,11 +121,8 @@ def in_micro_batches(fn: PatchFn, patches: torch.Tensor, size: int) -> torch.Ten
     return torch.cat([fn(part) for part in patches.split(size)])
 
 
-def anomaly_map(image: np.ndarray, patch_fn: PatchFn, patch_size: int, stride: int, batch_size: int = 64,
-                smoothing: float = 0.0) -> np.ndarray:
-    """(H, W, C) image -> (H, W) anomaly map, averaged over overlapping windows, then optionally
-    smoothed with a Gaussian of std `smoothing` pixels (0 = off, as in the paper)."""
-    amap = sliding_window(image, patch_fn, patch_size, stride, batch_size)[0]
-    if smoothing > 0:
-        amap = ndimage.gaussian_filter(amap, smoothing, mode="reflect", output=np.float32)
-    return amap
+def smooth_map(amap: np.ndarray, sigma: float) -> np.ndarray:
+    """A Gaussian of std `sigma` pixels over a 2-D map (reflect at the border); sigma 0 = unchanged."""
+    if sigma <= 0:
+        return amap
+    return ndimage.gaussian_filter(amap, sigma, mode="reflect", output=np.float32)

@@ -1,33 +1,21 @@
-"""Training losses and residual maps; a method is a model kind + a loss + a residual.
+"""Training losses and residual maps of the reconstruction methods (methods.py lists which uses which).
 
-    ssim-ae  autoencoder, loss 1 - SSIM,              residual 1 - SSIM per pixel
-    l2-ae    autoencoder, loss mean squared error,    residual squared error per pixel
-    vae      VAE,         loss L2 + beta * KL,        residual squared error of the mean's decoding
-    fm-ae    autoencoder, loss L2 + lambda * feature L2, residual squared error per pixel
+A loss function takes the model's forward output and the input batch and returns a scalar:
+`loss_fn(output, x) -> Tensor`. make_loss builds it from the settings, so the training loop never
+looks at the method's name.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
+from .methods import METHODS
 from .models import VaeOutput
 from .ssim import ssim_loss, ssim_residual
 
-
-class Method(NamedTuple):
-    model_kind: str  # key of models.MODEL_CLASSES
-    loss: str  # "ssim" | "l2" | "vae" | "fm"
-    residual: str  # "ssim" | "l2"
-
-
-METHODS = {
-    "ssim-ae": Method("ae", "ssim", "ssim"),
-    "l2-ae": Method("ae", "l2", "l2"),
-    "vae": Method("vae", "vae", "l2"),
-    "fm-ae": Method("ae", "fm", "l2"),
-}
+LossFn = Callable[[object, torch.Tensor], torch.Tensor]  # (model output, x (N, C, P, P)) -> scalar
 
 
 class SsimSettings(NamedTuple):
@@ -36,6 +24,10 @@ class SsimSettings(NamedTuple):
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 1.0
+
+    @classmethod
+    def from_config(cls, config) -> "SsimSettings":
+        return cls(config.ssim_window, config.ssim_sigma, config.ssim_alpha, config.ssim_beta, config.ssim_gamma)
 
 
 def reconstruction(output) -> torch.Tensor:
@@ -66,31 +58,49 @@ def residual_map(kind: str, x: torch.Tensor, x_hat: torch.Tensor, ssim: SsimSett
     raise ValueError(f"unknown residual {kind!r}; use 'ssim' or 'l2'")
 
 
-def compute_loss(
-    method: Method,
-    output,
-    x: torch.Tensor,
-    ssim: SsimSettings = SsimSettings(),
-    vae_beta: float = 1.0,
-    fm_lambda: float = 1.0,
-    feature_extractor: torch.nn.Module | None = None,
-) -> torch.Tensor:
-    """Scalar training loss of `method` for the model output on the batch x."""
-    x_hat = reconstruction(output)
-    if method.loss == "ssim":
-        return ssim_loss(x, x_hat, **ssim._asdict())
-    if method.loss == "l2":
-        return (x - x_hat).pow(2).mean()
-    if method.loss == "vae":
+def l2_loss(output, x: torch.Tensor) -> torch.Tensor:
+    return (x - reconstruction(output)).pow(2).mean()
+
+
+def ssim_loss_fn(ssim: SsimSettings) -> LossFn:
+    def loss(output, x: torch.Tensor) -> torch.Tensor:
+        return ssim_loss(x, reconstruction(output), **ssim._asdict())
+
+    return loss
+
+
+def vae_loss_fn(beta: float) -> LossFn:
+    def loss(output: VaeOutput, x: torch.Tensor) -> torch.Tensor:
         # Per-sample sum of squared errors + beta * KL, averaged over the batch, then divided by the
         # pixels per sample so the loss is on the scale of the other methods (Adam is scale-free).
         pixels = x[0].numel()
-        sse = (x - x_hat).pow(2).flatten(1).sum(dim=1)  # (N,)
+        sse = (x - output.reconstruction).pow(2).flatten(1).sum(dim=1)  # (N,)
         kl = kl_to_unit_gaussian(output.mean, output.log_var)  # (N,)
-        return (sse + vae_beta * kl).mean() / pixels
-    if method.loss == "fm":
+        return (sse + beta * kl).mean() / pixels
+
+    return loss
+
+
+def feature_matching_loss_fn(feature_extractor: torch.nn.Module, weight: float) -> LossFn:
+    def loss(output, x: torch.Tensor) -> torch.Tensor:
+        x_hat = reconstruction(output)
+        feature_error = (feature_extractor(x) - feature_extractor(x_hat)).pow(2).mean()
+        return (x - x_hat).pow(2).mean() + weight * feature_error
+
+    return loss
+
+
+def make_loss(config, feature_extractor: torch.nn.Module | None = None) -> LossFn:
+    """The training loss of config.method with its settings."""
+    loss = METHODS[config.method].loss
+    if loss == "ssim":
+        return ssim_loss_fn(SsimSettings.from_config(config))
+    if loss == "l2":
+        return l2_loss
+    if loss == "vae":
+        return vae_loss_fn(config.vae_beta)
+    if loss == "fm":
         if feature_extractor is None:
             raise ValueError("the fm loss needs a feature extractor")
-        feature_error = (feature_extractor(x) - feature_extractor(x_hat)).pow(2).mean()
-        return (x - x_hat).pow(2).mean() + fm_lambda * feature_error
-    raise ValueError(f"unknown loss {method.loss!r}")
+        return feature_matching_loss_fn(feature_extractor, config.fm_lambda)
+    raise ValueError(f"method {config.method!r} has no training loss")

@@ -1,11 +1,13 @@
-"""Images -> anomaly maps, masks, overlays and scores, from a checkpoint alone.
+"""Images -> anomaly maps, masks, overlays and scores, from a checkpoint (or ONNX export) alone.
 
 Output layout for `predict_folder(..., output_dir)`, REL = the image path relative to the input
-folder without its extension:
+folder without its extension (with it, e.g. `a.png`, when two inputs would share a name):
     maps/REL.tiff      float32 anomaly map at the original image size (MVTec evaluation layout)
     masks/REL.png      0/255 segmentation (map > threshold)
     overlays/REL.png   the image with a heat map and the mask contour
-    scores.csv         path, score (max of the map), defective (yes/no)
+    scores.csv         path, score (max of the map), defective (yes/no); one row per image, written
+                       as each image is done, so an interrupted run keeps what it finished
+    errors.csv         path, reason: images that could not be read (only when there were some)
 """
 
 from __future__ import annotations
@@ -20,98 +22,23 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
-import torch
 from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
-from .checkpoint import load_model
-from .config import Config, parse_image_size
-from .data import IMAGE_EXTENSIONS, list_images, read_image, resize_image, resize_map, to_color
+from .data import IMAGE_EXTENSIONS, list_images, read_image, to_color
+from .detector import Detector, Prediction
 from .errors import SsimaeError
 from .files import atomic_path, atomic_write_text
-from .inference import PatchFn, anomaly_map, torch_patch_fn
-from .losses import METHODS
-from .train import resolve_device, ssim_settings
 
 log = logging.getLogger(__name__)
 
 
-class Prediction(NamedTuple):
-    anomaly_map: np.ndarray  # (H, W) float32 at the original image size
-    mask: np.ndarray  # (H, W) bool, map > threshold
-    score: float  # image score: the maximum of the map
+def input_images(source: str | os.PathLike, skip: Path | None = None) -> tuple[list[Path], Path]:
+    """(image files, the folder their relative output paths start from) for a file or folder.
 
-
-class Detector(NamedTuple):
-    """A loaded checkpoint: the patch function and the settings that go with it."""
-
-    patch_fn: PatchFn
-    config: Config
-    threshold: float | None
-    channels: int
-
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, C) as read -> the model's colour and size."""
-        return resize_image(to_color(image, self.config.color), parse_image_size(self.config.image_size))
-
-    def anomaly_map(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, C) image as read -> (H, W) map at the same size."""
-        height, width = image.shape[:2]
-        cfg = self.config
-        processed = self.preprocess(image)
-        amap = anomaly_map(processed, self.patch_fn, cfg.patch_size, cfg.stride, cfg.infer_batch_size, cfg.map_smoothing)
-        return resize_map(amap, height, width)
-
-    def predict(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
-        amap = self.anomaly_map(image)
-        threshold = self.threshold if threshold is None else threshold
-        if threshold is None:
-            raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
-        return Prediction(amap, amap > threshold, float(amap.max()))
-
-
-BACKENDS = ("torch", "onnxruntime")
-
-
-def load_detector(checkpoint: str | os.PathLike, device: str = "auto", stride: int | None = None,
-                  batch_size: int | None = None, backend: str = "torch", precision: str | None = None) -> Detector:
-    """A Detector from a checkpoint (or, with backend 'onnxruntime', an exported .onnx file),
-    optionally with another stride, inference batch size or precision (torch backend only).
-
-    Both backends feed the same sliding window; their maps agree within 1e-4 (tests/test_export.py).
+    Files under `skip` (the output folder, when it lies inside the input) are left out.
     """
-    if backend not in BACKENDS:
-        raise SsimaeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    is_onnx = Path(checkpoint).suffix.lower() == ".onnx"
-    if is_onnx and backend != "onnxruntime":
-        raise SsimaeError(f"{checkpoint} is an ONNX model; run it with --backend onnxruntime, or pass the checkpoint")
-    torch_device = resolve_device(device)
-    if backend == "onnxruntime":
-        from .export import load_onnx, onnx_from_checkpoint, onnxruntime_patch_fn
-
-        loaded = load_onnx(checkpoint, torch_device) if is_onnx else onnx_from_checkpoint(checkpoint, torch_device)
-        config, threshold, channels = loaded.config, loaded.threshold, loaded.channels
-        patch_fn = onnxruntime_patch_fn(loaded.session)
-    else:
-        model, config, state = load_model(checkpoint)
-        threshold, channels = state["threshold"], state["model_kwargs"]["channels"]
-        patch_fn = None
-    if stride is not None:
-        config.stride = stride
-    if batch_size is not None:
-        config.infer_batch_size = batch_size
-    if precision is not None:
-        config.precision = precision
-    config.validate()
-    if patch_fn is None:
-        patch_fn = torch_patch_fn(model.to(torch_device), METHODS[config.method], ssim_settings(config), torch_device,
-                                  precision=config.precision)
-    return Detector(patch_fn, config, threshold, channels)
-
-
-def input_images(source: str | os.PathLike) -> tuple[list[Path], Path]:
-    """(image files, the folder their relative output paths start from) for a file or folder."""
     source = Path(source)
     if source.is_file():
         if source.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -119,10 +46,25 @@ def input_images(source: str | os.PathLike) -> tuple[list[Path], Path]:
         return [source], source.parent
     if source.is_dir():
         paths = list_images(source)
+        if skip is not None:
+            skip = skip.resolve()
+            paths = [p for p in paths if not p.resolve().is_relative_to(skip)]
         if not paths:
             raise SsimaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
         return paths, source
     raise SsimaeError(f"input {source} does not exist; pass an image file or a folder of images")
+
+
+def output_names(paths: list[Path], base: Path) -> dict[Path, Path]:
+    """Each input's output path stem, relative to the output folders: REL without its extension,
+    or with it (a.png -> a.png) where two inputs would otherwise write the same files."""
+    stems = collections.Counter(p.relative_to(base).with_suffix("") for p in paths)
+    names = {}
+    for path in paths:
+        relative = path.relative_to(base)
+        stem = relative.with_suffix("")
+        names[path] = stem if stems[stem] == 1 else relative
+    return names
 
 
 def warn_colour_mismatch(image: np.ndarray, detector: Detector, path: Path, warned: set) -> None:
@@ -140,8 +82,8 @@ def overlay_image(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, thresho
     """(H, W, 3) uint8: the image, a jet heat map blended by anomaly score, the mask contour in red.
 
     The heat map is scaled to [0, 2 * threshold] so colours mean the same thing on every image.
-    Computed in strips of OVERLAY_ROWS rows (pixel-for-pixel the same as in one piece): the
-    whole-image float64 colour map alone took 2 GB for an 8192x8192 image.
+    Computed in strips of OVERLAY_ROWS rows (pixel-for-pixel the same as in one piece), so an
+    8192x8192 image does not need a whole-image float colour map.
     """
     top = 2 * threshold if threshold else float(amap.max()) or 1.0
     thick = min(mask.shape) >= 256
@@ -172,20 +114,52 @@ def write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def write_outputs(output_dir: Path, relative: Path, image: np.ndarray, result: Prediction, threshold: float) -> None:
-    """maps/REL.tiff, masks/REL.png and overlays/REL.png of one image."""
-    write_tiff(output_dir / "maps" / relative.with_suffix(".tiff"), result.anomaly_map)
-    write_png(output_dir / "masks" / relative.with_suffix(".png"), result.mask.astype(np.uint8) * 255)
-    write_png(output_dir / "overlays" / relative.with_suffix(".png"),
-              overlay_image(image, result.anomaly_map, result.mask, threshold))
+def write_outputs(output_dir: Path, name: Path, image: np.ndarray, result: Prediction, threshold: float) -> None:
+    """maps/NAME.tiff, masks/NAME.png and overlays/NAME.png of one image."""
+    write_tiff(output_dir / "maps" / f"{name}.tiff", result.anomaly_map)
+    write_png(output_dir / "masks" / f"{name}.png", result.mask.astype(np.uint8) * 255)
+    write_png(output_dir / "overlays" / f"{name}.png", overlay_image(image, result.anomaly_map, result.mask, threshold))
+
+
+class ScoresFile:
+    """scores.csv, one row appended (and flushed) per finished image."""
+
+    FIELDS = ("path", "score", "defective")
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "w", newline="")
+        self.writer = csv.writer(self.handle)
+        self.writer.writerow(self.FIELDS)
+        self.handle.flush()
+
+    def add(self, row: dict) -> None:
+        self.writer.writerow([row["path"], f"{row['score']:.6f}", row["defective"]])
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class PredictResult(NamedTuple):
+    rows: list[dict]  # path, score, defective: one per image done
+    errors: list[tuple[str, str]]  # (path, reason) of images that could not be read
 
 
 # Above this many pixels predict_folder reads, computes and writes one image at a time: three
 # 8192x8192 images in flight would pass 2 GB. Below it the overlap's extra memory is small.
 OVERLAP_MAX_PIXELS = 4096 * 4096
-# Threads writing outputs: encoding one 1024x1024 overlay PNG alone took 140 ms, longer than the
-# prediction at --image-size 256 (80 ms); Pillow's encoders release the GIL, so two writers overlap.
+# Threads writing outputs: PNG encoding of an overlay can outlast the prediction (bench/README.md);
+# Pillow's encoders release the GIL, so two writers overlap.
 WRITERS = 2
+
+
+def _read(path: Path):
+    """(image, None) or (None, reason) for an unreadable file."""
+    try:
+        return read_image(path), None
+    except SsimaeError as error:
+        return None, str(error)
 
 
 def predict_folder(
@@ -195,45 +169,83 @@ def predict_folder(
     threshold: float | None = None,
     progress: Callable | None = None,
     overlap: bool = True,
-) -> list[dict]:
-    """Predict every image under `source`; write maps, masks, overlays and scores.csv.
+    strict: bool = False,
+) -> PredictResult:
+    """Predict every readable image under `source`; write maps, masks, overlays, scores.csv and, if
+    some images could not be read, errors.csv. With `strict`, the first unreadable image is an error.
 
     With overlap, a thread reads the next image and WRITERS threads write the previous images'
     outputs while the current one is computed (the same files; bench/speed.py measures the gain).
     Images over OVERLAP_MAX_PIXELS are done one at a time, so memory stays that of one image.
     """
-    paths, base = input_images(source)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SsimaeError(f"output {output_dir} is a file, not a folder; choose another --output")
+    paths, base = input_images(source, skip=output_dir)
     threshold = detector.threshold if threshold is None else threshold
     if threshold is None:
         raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
-    output_dir = Path(output_dir)
-    rows, warned = [], set()
-    with ThreadPoolExecutor(1, thread_name_prefix="ssimae-read") as reader, \
-            ThreadPoolExecutor(WRITERS, thread_name_prefix="ssimae-write") as writer:
-        next_read, writing = reader.submit(read_image, paths[0]), collections.deque()
-        for index, path in enumerate(progress(paths) if progress else paths):
-            image = next_read.result()  # (H, W, C); re-raises a read error in order
-            small = overlap and image.shape[0] * image.shape[1] <= OVERLAP_MAX_PIXELS
-            next_read = None
-            if small and index + 1 < len(paths):
-                next_read = reader.submit(read_image, paths[index + 1])
-            warn_colour_mismatch(image, detector, path, warned)
-            result = detector.predict(image, threshold)
-            while len(writing) >= (WRITERS if small else 1):  # bounded memory; re-raises write errors in order
-                writing.popleft().result()
-            relative = path.relative_to(base).with_suffix("")
-            writing.append(writer.submit(write_outputs, output_dir, relative, image, result, threshold))
-            if not small:  # a large image: finish its files before reading the next one
-                writing.popleft().result()
-            if next_read is None and index + 1 < len(paths):
-                next_read = reader.submit(read_image, paths[index + 1])
-            rows.append({"path": str(path.relative_to(base)), "score": result.score,
-                         "defective": "yes" if result.mask.any() else "no"})
-        while writing:
-            writing.popleft().result()
+    names = output_names(paths, base)
+    rows, errors, warned = [], [], set()
+    scores = ScoresFile(output_dir / "scores.csv")
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="ssimae-read") as reader, \
+                ThreadPoolExecutor(WRITERS, thread_name_prefix="ssimae-write") as writer:
+            next_read, writing = reader.submit(_read, paths[0]), collections.deque()
+
+            def finish_oldest() -> None:
+                future, row = writing.popleft()
+                future.result()  # re-raises write errors in order
+                scores.add(row)
+                rows.append(row)
+
+            try:
+                for index, path in enumerate(progress(paths) if progress else paths):
+                    image, reason = next_read.result()
+                    next_read = None
+                    small = image is not None and overlap and image.shape[0] * image.shape[1] <= OVERLAP_MAX_PIXELS
+                    if (small or image is None) and index + 1 < len(paths):
+                        next_read = reader.submit(_read, paths[index + 1])
+                    if image is None:
+                        if strict:
+                            raise SsimaeError(f"{reason} (--strict stops at the first bad file)")
+                        log.warning("skipped: %s", reason)
+                        errors.append((str(path.relative_to(base)), reason))
+                    else:
+                        warn_colour_mismatch(image, detector, path, warned)
+                        result = detector.predict(image, threshold)
+                        while len(writing) >= (WRITERS if small else 1):  # bounded memory
+                            finish_oldest()
+                        row = {"path": str(path.relative_to(base)), "score": result.score,
+                               "defective": "yes" if result.mask.any() else "no"}
+                        writing.append((writer.submit(write_outputs, output_dir, names[path], image, result, threshold),
+                                        row))
+                        del image, result
+                        if not small:  # a large image: finish its files before reading the next one
+                            finish_oldest()
+                    if next_read is None and index + 1 < len(paths):
+                        next_read = reader.submit(_read, paths[index + 1])
+            except BaseException:  # keep the images already computed: finish their files and rows
+                while writing:
+                    try:
+                        finish_oldest()
+                    except Exception:
+                        writing.clear()
+                raise
+            while writing:
+                finish_oldest()
+    finally:
+        scores.close()
+    errors_path = output_dir / "errors.csv"
+    if errors:
+        lines = [["path", "reason"], *errors]
+        atomic_write_text(errors_path, "".join(_csv_line(line) for line in lines))
+    else:
+        errors_path.unlink(missing_ok=True)
+    return PredictResult(rows, errors)
+
+
+def _csv_line(values) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["path", "score", "defective"])
-    writer.writeheader()
-    writer.writerows({**r, "score": f"{r['score']:.6f}"} for r in rows)
-    atomic_write_text(output_dir / "scores.csv", buffer.getvalue())
-    return rows
+    csv.writer(buffer).writerow(values)
+    return buffer.getvalue()

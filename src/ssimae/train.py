@@ -1,5 +1,8 @@
 """Training: fit(config, data_root, run_dir) and the loop functions it is made of.
 
+fit = prepare the run folder -> fit the method (gradient training for reconstruction methods, a
+memory bank for patchcore, nothing for blur) -> choose the threshold on validation maps -> save.
+
 Run folder contents: checkpoint.pt (self-describing, rewritten atomically after every epoch and at
 the end with the threshold), config.yaml (the resolved settings), train.log (the text log) and
 training_log.jsonl (one JSON record per epoch: losses, throughput, reconstruction fidelity).
@@ -7,45 +10,37 @@ training_log.jsonl (one JSON record per epoch: losses, throughput, reconstructio
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import checkpoint_dict, read_checkpoint, save_checkpoint
-from .config import Config, parse_image_size, save_config
+from .checkpoint import Checkpoint, Thresholds, TrainingState, build_network
+from .config import Config, save_config
 from .data import find_training_images, load_image, pad_to_min_size, sample_patches
+from .detector import torch_detector, validation_maps
+from .devices import resolve_device, resolve_precision
 from .errors import SsimaeError
-from .inference import anomaly_map, resolve_precision, torch_patch_fn
-from .losses import METHODS, Method, SsimSettings, compute_loss, reconstruction
-from .models import VaeOutput, build_model
+from .losses import LossFn, l2_loss, make_loss, reconstruction
+from .models import VaeOutput
 from .threshold import choose_threshold
 
 log = logging.getLogger(__name__)
 
-# With a pure SSIM loss the Table 1 net drops all output variance within ~25 steps (a flat image
-# maximises SSIM's structure term against an uncorrelated reconstruction) and needs hundreds of
-# steps to leave that state; a short L2 warm-up first teaches it brightness and coarse structure.
-L2_WARMUP = METHODS["l2-ae"]
-# Patches per forward/backward pass on CPU; a step's gradient is accumulated over them. Measured on
-# the 2-core CPU (bench/speed.py, train section, batch 128): micro-batches of 32 made an ssim-ae step
-# 1.17x and an l2-ae step 1.04x faster than one pass (the activations of 128 patches, 64 MB in the
-# outer layers, overflow the 32 MB L3 cache; the SSIM's moment maps as well), and brought the
-# ssim-ae / l2-ae step-time ratio from 1.27 to 1.12. Also measured and not used: sampling the next
-# batch in a background thread (0.90x: it competes with oneDNN's two threads), torch.compile of the
-# step (1.5x slower, 32 s to compile), of the SSIM loss alone (1.25x faster, but 15 s to compile in
-# every process), chunking the SSIM or hand-fusing its backward (no gain: the filter matmuls dominate).
+# Patches per forward/backward pass on CPU; a step's gradient is accumulated over them (the
+# activations of 128 patches overflow the L3 cache: 1.17x faster steps, bench/README.md).
 TRAIN_MICRO_BATCH = 32
 VALIDATION_PATCHES = 256  # fixed, seeded validation patches for the per-epoch validation loss
-# Settings that change the model or its input: a resumed run must keep them.
-MODEL_SHAPING = ("method", "latent_dim", "patch_size", "color", "image_size")
+# Settings that change the model, its input or the validation split: a resumed run must keep them.
+MODEL_SHAPING = ("method", "latent_dim", "patch_size", "color", "image_size", "val_fraction")
 
 
 class TrainResult(NamedTuple):
@@ -56,103 +51,48 @@ class TrainResult(NamedTuple):
     history: list[dict]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SsimaeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SsimaeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-
-
-def ssim_settings(config: Config) -> SsimSettings:
-    return SsimSettings(config.ssim_window, config.ssim_sigma, config.ssim_alpha, config.ssim_beta, config.ssim_gamma)
-
-
-def load_images(paths: list[Path], config: Config) -> list[np.ndarray]:
-    """Decode, convert and resize images for training, (H, W, C) float32 each."""
-    size = parse_image_size(config.image_size)
-    images = [load_image(p, config.color, size) for p in paths]
-    small = [p for p, im in zip(paths, images) if min(im.shape[:2]) < config.patch_size]
-    if small:
-        log.warning(
-            "%d image(s) smaller than the %d px patch (e.g. %s) are reflect-padded; "
-            "use --image-size to enlarge them instead",
-            len(small), config.patch_size, small[0],
-        )
-    return images
-
-
-def build_feature_extractor_for(config: Config, device: torch.device) -> torch.nn.Module | None:
-    if METHODS[config.method].loss != "fm":
-        return None
-    from .features import build_feature_extractor  # the pretrained net is needed by fm-ae only
-
-    kwargs = {"name": config.feature_net, "weights_path": config.feature_weights}
-    if config.feature_cut is not None:
-        kwargs["cut"] = config.feature_cut
-    return build_feature_extractor(**kwargs).to(device)
-
-
-def loss_kwargs(config: Config, feature_extractor) -> dict:
-    return {
-        "ssim": ssim_settings(config),
-        "vae_beta": config.vae_beta,
-        "fm_lambda": config.fm_lambda,
-        "feature_extractor": feature_extractor,
-    }
+# --------------------------------------------------------------------------- the loop
 
 
 def train_one_epoch(
     model: torch.nn.Module,
-    method: Method,
+    loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
-    images: list[np.ndarray],
-    steps: int,
-    config: Config,
-    rng: np.random.Generator,
+    batches: Iterator[torch.Tensor],
     device: torch.device,
-    loss_args: dict,
+    micro_batch: int | None = None,
+    bf16: bool = False,
     progress: tqdm | None = None,
     deadline: float | None = None,
-    first_step: int = 0,
 ) -> tuple[float, int]:
-    """Up to `steps` optimiser steps on fresh random patches; (mean loss, steps done).
+    """One optimiser step per batch of `batches` (N, C, P, P); (mean loss, steps done).
 
-    Stops early when time.monotonic() passes `deadline`. On CPU each step's gradient is
-    accumulated over micro-batches of TRAIN_MICRO_BATCH patches (every loss is a mean over
-    patches, so this is the batch's gradient up to float summation order). config.precision
-    'bf16' (or 'auto' on CUDA) runs the model under bf16 autocast.
+    Stops early when time.monotonic() passes `deadline`. Each step's gradient is accumulated over
+    micro-batches of `micro_batch` patches (every loss is a mean over patches, so this is the
+    batch's gradient up to float summation order). bf16 runs the network under autocast; the loss
+    is computed in fp32.
     """
     model.train()
-    device = torch.device(device)
-    bf16 = resolve_precision(config.precision, device) == "bf16"
-    micro = TRAIN_MICRO_BATCH if device.type == "cpu" else config.batch_size
     total, done = 0.0, 0
-    for _ in range(steps):
+    for x in batches:
         if deadline is not None and time.monotonic() >= deadline:
             break
-        x = sample_patches(images, config.batch_size, config.patch_size, rng, config.rotate, config.flip)
         x = x.to(device, non_blocking=True)  # (N, C, P, P)
-        step_method = L2_WARMUP if first_step + done < config.l2_warmup_steps else method
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
-        for part in x.split(micro):  # (n, C, P, P) each
-            # bf16 autocast covers the network only; the loss (SSIM's variances) is computed in fp32.
+        for part in x.split(micro_batch or len(x)):  # (n, C, P, P) each
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 output = model(part)
-            part_loss = compute_loss(step_method, _fp32(output), part, **loss_args) * (len(part) / len(x))
+            part_loss = loss_fn(_fp32(output), part) * (len(part) / len(x))
             if not torch.isfinite(part_loss):
-                raise SsimaeError(f"training diverged (loss {part_loss.item()}); lower --lr (now {config.lr})")
+                raise SsimaeError(f"training diverged (loss {part_loss.item()}); lower --lr")
             part_loss.backward()
             loss += part_loss.item()
         optimizer.step()
         total += loss
         done += 1
         if progress is not None:
-            progress.update(config.batch_size)
+            progress.update(len(x))
             progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
     return total / max(done, 1), done
 
@@ -164,8 +104,14 @@ def _fp32(output):
     return output.float()
 
 
+def patch_batches(images: list[np.ndarray], config: Config, rng: np.random.Generator) -> Iterator[torch.Tensor]:
+    """Endless random training batches (batch_size, C, P, P) drawn with `rng`."""
+    while True:
+        yield sample_patches(images, config.batch_size, config.patch_size, rng, config.rotate, config.flip)
+
+
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, method: Method, patches: torch.Tensor, loss_args: dict, device) -> dict:
+def evaluate_loss(model: torch.nn.Module, loss_fn: LossFn, patches: torch.Tensor, device) -> dict:
     """Validation loss and reconstruction-fidelity figures on fixed patches.
 
     fidelity_corr: pixel correlation of input and reconstruction (near 0 for a collapsed model
@@ -177,7 +123,7 @@ def evaluate_loss(model: torch.nn.Module, method: Method, patches: torch.Tensor,
     for batch in patches.split(64):
         x = batch.to(device)
         output = model(x)
-        losses.append(compute_loss(method, output, x, **loss_args).item() * len(x))
+        losses.append(loss_fn(output, x).item() * len(x))
         inputs.append(x.cpu())
         outputs.append(reconstruction(output).cpu())
     x, x_hat = torch.cat(inputs), torch.cat(outputs)  # (N, C, P, P)
@@ -189,17 +135,20 @@ def evaluate_loss(model: torch.nn.Module, method: Method, patches: torch.Tensor,
     return {"val_loss": sum(losses) / len(x), "fidelity_corr": corr.item(), "detail_ratio": detail.item()}
 
 
-def validation_maps(model, method: Method, images: list[np.ndarray], config: Config, device) -> list[np.ndarray]:
-    patch_fn = torch_patch_fn(model, method, ssim_settings(config), device, precision=config.precision)
-    return [anomaly_map(im, patch_fn, config.patch_size, config.stride, config.infer_batch_size, config.map_smoothing)
-            for im in images]
+# --------------------------------------------------------------------------- fit
 
 
-def _setup_run_logging(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("ssimae").addHandler(handler)
-    return handler
+def load_images(paths: list[Path], config: Config) -> list[np.ndarray]:
+    """Decode, convert and resize images for training, (H, W, C) float32 each."""
+    images = [load_image(p, config.color, config.resize) for p in paths]
+    small = [p for p, im in zip(paths, images) if min(im.shape[:2]) < config.patch_size]
+    if small and config.kind == "reconstruction":
+        log.warning(
+            "%d image(s) smaller than the %d px patch (e.g. %s) are reflect-padded; "
+            "use --image-size to enlarge them instead",
+            len(small), config.patch_size, small[0],
+        )
+    return images
 
 
 def fit(
@@ -209,112 +158,184 @@ def fit(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train `config.method` on the defect-free images of `data_root`; write the run folder."""
+    """Fit `config.method` on the defect-free images of `data_root`; write the run folder."""
     config.validate()
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / "checkpoint.pt"
-    previous = _resume_state(checkpoint_path, config) if resume else None
-    if not resume and checkpoint_path.exists():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SsimaeError(f"output {run_dir} is a file, not a folder; choose another --output")
+    previous = Checkpoint.load(checkpoint_path) if resume else None
+    if previous is not None:
+        check_resumable(previous, config, checkpoint_path)
+    elif checkpoint_path.exists():
         raise SsimaeError(f"{checkpoint_path} exists; pass --resume to continue it or choose another --output")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger("ssimae")
-    old_level = logger.level
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)  # train.log gets the INFO records even when the caller is quiet
-    handler = _setup_run_logging(run_dir)
-    try:
-        return _fit(config, Path(data_root), run_dir, checkpoint_path, previous, progress)
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
-        logger.setLevel(old_level)
+    split = find_training_images(data_root, config.val_fraction, config.seed)  # a bad folder fails before any file
+    with run_folder(run_dir, fresh=previous is None):
+        return _fit(config, split, run_dir, checkpoint_path, previous, progress)
 
 
-def _resume_state(checkpoint_path: Path, config: Config) -> dict:
-    state = read_checkpoint(checkpoint_path)
-    changed = [k for k in MODEL_SHAPING if state["config"].get(k) != getattr(config, k)]
+def check_resumable(previous: Checkpoint, config: Config, path: Path) -> None:
+    changed = [k for k in MODEL_SHAPING if getattr(previous.config, k) != getattr(config, k)]
     if changed:
-        raise SsimaeError(
-            f"cannot resume {checkpoint_path}: {', '.join(changed)} differ from the checkpoint; "
-            "keep them or start a new run"
-        )
-    return state
+        raise SsimaeError(f"cannot resume {path}: {', '.join(changed)} differ from the checkpoint; "
+                          "keep them or start a new run")
 
 
-def _fit(config: Config, data_root: Path, run_dir: Path, checkpoint_path: Path, previous, progress: bool) -> TrainResult:
+class run_folder:
+    """The run folder for the duration of a fit: train.log attached to the 'ssimae' logger; a fresh
+    run starts without leftover logs, and a fit that fails before its first checkpoint leaves no
+    run files behind (nor the folder, if it made it)."""
+
+    FILES = ("train.log", "training_log.jsonl", "config.yaml")
+
+    def __init__(self, run_dir: Path, fresh: bool):
+        self.run_dir, self.fresh = run_dir, fresh
+
+    def __enter__(self):
+        self.made = not self.run_dir.exists()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SsimaeError(f"cannot create the run folder {self.run_dir}: {error.strerror or error}; "
+                              "choose another --output") from None
+        if self.fresh:
+            for name in self.FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+        logger = logging.getLogger("ssimae")
+        self.old_level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)  # train.log gets the INFO records even when the caller is quiet
+        try:
+            self.handler = logging.FileHandler(self.run_dir / "train.log")
+        except OSError as error:
+            raise SsimaeError(f"cannot write to the run folder {self.run_dir}: {error.strerror or error}; "
+                              "choose another --output") from None
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, kind, error, trace):
+        logger = logging.getLogger("ssimae")
+        logger.removeHandler(self.handler)
+        self.handler.close()
+        logger.setLevel(self.old_level)
+        if error is not None and self.fresh and not (self.run_dir / "checkpoint.pt").exists():
+            for name in self.FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+            if self.made and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()
+        return False
+
+
+def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: Checkpoint | None,
+         progress: bool) -> TrainResult:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    method = METHODS[config.method]
-    split = find_training_images(data_root, config.val_fraction, config.seed)
-    log.info("training %s on %d images, validating on %d (%s)", config.method, len(split.train), len(split.validation), data_root)
+    log.info("fitting %s on %d images, validating on %d", config.method, len(split.train), len(split.validation))
     train_images = load_images(split.train, config)
-    val_images = load_images(split.validation, config)
     channels = train_images[0].shape[2]
     save_config(config, run_dir / "config.yaml")
+    if config.kind == "reconstruction":
+        checkpoint = train_network(config, train_images, split, channels, device, run_dir, previous, progress)
+    else:
+        checkpoint = fit_memory(config, train_images, channels, device, progress)
+    del train_images
 
-    # channels_last (NHWC): oneDNN's NHWC kernels trained the Table 1 net 1.06-1.10x faster than NCHW
-    # on the 2-core CPU (bench/speed.py) and NHWC is the layout CUDA tensor cores want; the same net.
-    model = build_model(method.model_kind, channels, config.latent_dim, config.patch_size)
+    validation = split.validation or split.train  # tiny data sets: validate on training images, and say so
+    if not split.validation:
+        log.warning("no validation images: the threshold is chosen on training images")
+    log.info("choosing the threshold on %d validation image(s)", len(validation))
+    maps = validation_maps(torch_detector(checkpoint, device), validation)
+    threshold, rule = choose_threshold(maps, config.min_defect_area, config.threshold_fpr)
+    log.info("threshold %.5f (%s)", threshold, rule)
+    checkpoint.thresholds = Thresholds(threshold, rule)
+    checkpoint.training.complete = True
+    checkpoint.save(checkpoint_path)
+    return TrainResult(checkpoint_path, threshold, checkpoint.training.step, checkpoint.training.seconds,
+                       checkpoint.history)
+
+
+def fit_memory(config: Config, images: list[np.ndarray], channels: int, device: torch.device,
+               progress: bool) -> Checkpoint:
+    """The checkpoint of a method without gradient training (its module holds what it learned)."""
+    started = time.monotonic()
+    network = build_network(config, channels)
+    seconds = time.monotonic() - started
+    return Checkpoint(config, channels, network.state_dict(), training=TrainingState(0, 0, seconds, False))
+
+
+def train_network(config: Config, images: list[np.ndarray], split, channels: int, device: torch.device,
+                  run_dir: Path, previous: Checkpoint | None, progress: bool) -> Checkpoint:
+    """Gradient training of a reconstruction method, checkpointing after every epoch."""
+    model = build_network(config, channels)
+    # channels_last (NHWC): faster with oneDNN on CPU and the layout CUDA tensor cores want; the same net.
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    step, epoch, seconds, history = 0, 0, 0.0, []
+    checkpoint = Checkpoint(config, channels, {})
     if previous is not None:
-        model.load_state_dict(previous["model_state"])
-        if previous.get("optimizer_state"):
-            optimizer.load_state_dict(previous["optimizer_state"])
-        step, epoch = previous["training"]["step"], previous["training"]["epoch"]
-        seconds, history = previous["training"]["seconds"], list(previous["history"])
-        log.info("resuming at epoch %d, step %d (%.0f s trained)", epoch, step, seconds)
-    feature_extractor = build_feature_extractor_for(config, device)
-    loss_args = loss_kwargs(config, feature_extractor)
+        model.load_state_dict(previous.weights)
+        if previous.optimizer_state:
+            optimizer.load_state_dict(previous.optimizer_state)
+        checkpoint.training, checkpoint.history = previous.training, list(previous.history)
+        checkpoint.training.complete = False
+        log.info("resuming at epoch %d, step %d (%.0f s trained)", checkpoint.training.epoch,
+                 checkpoint.training.step, checkpoint.training.seconds)
+    feature_extractor = None
+    if config.method == "fm-ae":
+        from .features import extractor_for  # the pretrained net is needed by fm-ae only
 
-    val_source = val_images or train_images  # tiny data sets: validate on training images, and say so
-    if not val_images:
-        log.warning("no validation images: validation loss and threshold use training images")
+        feature_extractor = extractor_for(config).to(device)
+    loss_fn = make_loss(config, feature_extractor)
+    val_source = [load_image(p, config.color, config.resize) for p in split.validation] or images
     val_patches = sample_patches(
         [pad_to_min_size(im, config.patch_size) for im in val_source],
         VALIDATION_PATCHES, config.patch_size, np.random.default_rng([config.seed, 1]), rotate="none", flip=False,
     )
-
+    del val_source
+    bf16 = resolve_precision(config.precision, device, "train") == "bf16"
+    micro = TRAIN_MICRO_BATCH if device.type == "cpu" else None
+    state = checkpoint.training
     steps_per_epoch = math.ceil(config.patches_per_epoch / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60 - seconds
-    bar = tqdm(total=total_steps * config.batch_size, initial=step * config.batch_size, unit="patch",
-               unit_scale=True, desc=config.method, disable=not progress, dynamic_ncols=True)
-    with bar:
-        while step < total_steps and (deadline is None or time.monotonic() < deadline):
+    deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60 - state.seconds
+    with training_bar(config, state, total_steps, progress) as bar:
+        while state.step < total_steps and (deadline is None or time.monotonic() < deadline):
             started = time.monotonic()
-            rng = np.random.default_rng([config.seed, 0, epoch])  # per-epoch stream: resumable
-            steps = min(steps_per_epoch, total_steps - step)
-            loss, done = train_one_epoch(model, method, optimizer, train_images, steps, config, rng, device,
-                                         loss_args, bar, deadline, first_step=step)
+            rng = np.random.default_rng([config.seed, 0, state.epoch])  # per-epoch stream: resumable
+            batches = itertools.islice(patch_batches(images, config, rng), min(steps_per_epoch, total_steps - state.step))
+            # An L2 warm-up (config.l2_warmup_steps) covers the first steps of the run, then the method's loss.
+            warmup = max(0, config.l2_warmup_steps - state.step)
+            run = lambda fn, source: train_one_epoch(model, fn, optimizer, source, device, micro, bf16, bar, deadline)
+            warm_loss, warm_done = run(l2_loss, itertools.islice(batches, warmup)) if warmup else (0.0, 0)
+            loss, done = run(loss_fn, batches)
+            done += warm_done
             if done == 0:  # the time budget ran out before this epoch's first step
                 break
-            step += done
+            loss = (warm_loss * warm_done + loss * (done - warm_done)) / done
             elapsed = time.monotonic() - started
-            seconds += elapsed
-            epoch += 1
-            record = {"epoch": epoch, "step": step, "loss": loss, **evaluate_loss(model, method, val_patches, loss_args, device),
-                      "patches_per_s": done * config.batch_size / max(elapsed, 1e-9), "seconds": seconds}
-            history.append(record)
+            state.step, state.epoch, state.seconds = state.step + done, state.epoch + 1, state.seconds + elapsed
+            record = {"epoch": state.epoch, "step": state.step, "loss": loss,
+                      **evaluate_loss(model, loss_fn, val_patches, device),
+                      "patches_per_s": done * config.batch_size / max(elapsed, 1e-9), "seconds": state.seconds}
+            checkpoint.history.append(record)
             _append_jsonl(run_dir / "training_log.jsonl", record)
             log.info("epoch %d step %d loss %.5f val_loss %.5f fidelity %.3f detail %.3f %.0f patches/s",
-                     epoch, step, loss, record["val_loss"], record["fidelity_corr"], record["detail_ratio"],
-                     record["patches_per_s"])
-            save_checkpoint(checkpoint_dict(model, config, channels, None, None,
-                                            {"step": step, "epoch": epoch, "seconds": seconds, "complete": False},
-                                            optimizer, history), checkpoint_path)
+                     state.epoch, state.step, loss, record["val_loss"], record["fidelity_corr"],
+                     record["detail_ratio"], record["patches_per_s"])
+            checkpoint.weights = model.state_dict()
+            checkpoint.optimizer_state = optimizer.state_dict()
+            checkpoint.save(run_dir / "checkpoint.pt")
+    checkpoint.weights = model.state_dict()
+    checkpoint.optimizer_state = optimizer.state_dict()
+    return checkpoint
 
-    log.info("choosing the threshold on %d validation image(s)", len(val_source))
-    maps = validation_maps(model, method, val_source, config, device)
-    threshold, rule = choose_threshold(maps, config.min_defect_area, config.threshold_fpr)
-    log.info("threshold %.5f (%s)", threshold, rule)
-    save_checkpoint(checkpoint_dict(model, config, channels, threshold, rule,
-                                    {"step": step, "epoch": epoch, "seconds": seconds, "complete": True},
-                                    optimizer, history), checkpoint_path)
-    return TrainResult(checkpoint_path, threshold, step, seconds, history)
+
+def training_bar(config: Config, state: TrainingState, total_steps: int, progress: bool) -> tqdm:
+    """A progress bar over patches, whose total is the step budget."""
+    return tqdm(total=total_steps * config.batch_size, initial=state.step * config.batch_size, unit="patch",
+                unit_scale=True, desc=config.method, disable=not progress, dynamic_ncols=True)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

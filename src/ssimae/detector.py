@@ -1,0 +1,179 @@
+"""Detector: image -> anomaly map -> mask -> score, the same for every method.
+
+A Detector holds the settings, the thresholds and one function `map_fn` from an image at working
+colour and size to an anomaly map of the same size. How map_fn is made depends on the method's kind
+(methods.py):
+    reconstruction  a sliding window of patches through the network, each patch's residual map
+                    averaged over the overlapping windows (inference.sliding_window)
+    memory          the whole image through the method's module at once, which returns a grid of
+                    scores; the grid is upsampled bilinearly to the image
+and on the backend that runs the network: PyTorch, or ONNX Runtime (onnx_backend.py). Everything
+around map_fn (colour, resize, smoothing, resizing the map back, threshold) is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoint, Thresholds
+from .config import BACKENDS, INFERENCE_SETTINGS, Config, config_from_dict
+from .data import read_image, resize_image, resize_map, to_color
+from .devices import resolve_device, resolve_precision
+from .errors import SettingError, SsimaeError
+from .inference import PatchFn, sliding_window, smooth_map, torch_patch_fn
+from .losses import SsimSettings
+from .methods import METHODS
+
+log = logging.getLogger(__name__)
+
+MapFn = Callable[[np.ndarray], np.ndarray]  # (H, W, C) working image -> (H, W) float32 map
+GridFn = Callable[[torch.Tensor], torch.Tensor]  # (1, C, H, W) image -> (1, 1, h, w) score grid
+
+
+class Prediction(NamedTuple):
+    anomaly_map: np.ndarray  # (H, W) float32 at the original image size
+    mask: np.ndarray  # (H, W) bool, map > threshold
+    score: float  # image score: the maximum of the map
+
+
+@dataclass(frozen=True)
+class Detector:
+    config: Config
+    map_fn: MapFn
+    thresholds: Thresholds | None
+    channels: int
+    reconstruct: MapFn | None = None  # reconstruction methods: working image -> (C, H, W) reconstruction
+
+    @property
+    def threshold(self) -> float | None:
+        return self.thresholds.pixel if self.thresholds else None
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, C) as read -> the model's colour and working size."""
+        return resize_image(to_color(image, self.config.color), self.config.resize)
+
+    def working_map(self, working: np.ndarray) -> np.ndarray:
+        """Anomaly map of an image already at working colour and size, smoothed; (H, W) float32."""
+        return smooth_map(self.map_fn(working), self.config.smoothing)
+
+    def anomaly_map(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, C) image as read -> (H, W) map at the same size."""
+        height, width = image.shape[:2]
+        return resize_map(self.working_map(self.preprocess(image)), height, width)
+
+    def predict(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
+        threshold = self.threshold if threshold is None else threshold
+        if threshold is None:
+            raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
+        amap = self.anomaly_map(image)
+        return Prediction(amap, amap > threshold, float(amap.max()))
+
+
+def validation_maps(detector: Detector, paths: list[Path]) -> list[np.ndarray]:
+    """Anomaly maps of defect-free validation images, through the same path as predict."""
+    return [detector.anomaly_map(read_image(path)) for path in paths]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def reconstruction_map_fn(patch_fn: PatchFn, config: Config) -> MapFn:
+    def map_fn(image: np.ndarray) -> np.ndarray:
+        return sliding_window(image, patch_fn, config.patch_size, config.stride, config.infer_batch_size)[0]
+
+    return map_fn
+
+
+def grid_map_fn(grid_fn: GridFn) -> MapFn:
+    """A MapFn from a whole-image scoring function; its score grid is upsampled to the image."""
+
+    def map_fn(image: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (1, C, H, W)
+        grid = grid_fn(x).float()  # (1, 1, h, w)
+        if grid.shape[-2:] != x.shape[-2:]:
+            grid = F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return grid[0, 0].cpu().numpy().astype(np.float32, copy=False)
+
+    return map_fn
+
+
+def torch_detector(checkpoint: Checkpoint, device: torch.device, config: Config | None = None) -> Detector:
+    """A Detector running the checkpoint's network with PyTorch on `device`."""
+    config = config or checkpoint.config
+    method = METHODS[config.method]
+    network = checkpoint.network().to(device)
+    if method.kind == "reconstruction":
+        ssim = SsimSettings.from_config(config)
+        patch_fn = torch_patch_fn(network, method.residual, ssim, device, precision=config.precision)
+        rebuild = torch_patch_fn(network, method.residual, ssim, device, outputs="reconstruction",
+                                 precision=config.precision)
+
+        def reconstruct(image: np.ndarray) -> np.ndarray:
+            return sliding_window(image, rebuild, config.patch_size, config.stride, config.infer_batch_size)
+
+        return Detector(config, reconstruction_map_fn(patch_fn, config), checkpoint.thresholds, checkpoint.channels,
+                        reconstruct)
+    bf16 = resolve_precision(config.precision, device, "infer") == "bf16"
+
+    @torch.inference_mode()
+    def grid_fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return network(x.to(device))
+
+    return Detector(config, grid_map_fn(grid_fn), checkpoint.thresholds, checkpoint.channels)
+
+
+def apply_overrides(config: Config, overrides: dict | None, source: str = "command line") -> Config:
+    """The checkpoint's settings with inference-time overrides (INFERENCE_SETTINGS) applied and checked."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - set(INFERENCE_SETTINGS))
+    if unknown:
+        raise SsimaeError(f"{', '.join(unknown)} cannot change after training; only {', '.join(INFERENCE_SETTINGS)} can")
+    return config_from_dict(overrides, config, source=source).validate()
+
+
+def check_stride(trained: Config, config: Config, threshold: float | None) -> None:
+    """Refuse a stride other than the training one unless the user sets the threshold too: the
+    threshold was chosen on maps made at the training stride, and other strides give other maps."""
+    if config.kind != "reconstruction" or config.stride == trained.stride or threshold is not None:
+        return
+    raise SettingError("stride", f"stride {config.stride} differs from the stride {trained.stride} the threshold was "
+                                 f"chosen at, and maps at another stride do not match that threshold; predict at "
+                                 f"stride {trained.stride}, retrain with --stride {config.stride}, or also pass "
+                                 "--threshold")
+
+
+def load_detector(source: str | os.PathLike, backend: str = "torch", overrides: dict | None = None,
+                  threshold: float | None = None) -> Detector:
+    """A Detector from a checkpoint (or, with backend 'onnxruntime', also an exported .onnx file).
+
+    `overrides` may change INFERENCE_SETTINGS (stride, infer_batch_size, device, precision); the
+    device is 'auto' unless overridden, whatever the training device was. A stride other than the
+    training one needs an explicit `threshold` (check_stride).
+    """
+    overrides = {"device": "auto", **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    if threshold is not None and not math.isfinite(threshold):
+        raise SettingError("threshold", f"threshold {threshold} is not a finite number; pass a number such as 0.5")
+    if backend not in BACKENDS:
+        raise SettingError("backend", f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    is_onnx = Path(source).suffix.lower() == ".onnx"
+    if is_onnx and backend != "onnxruntime":
+        raise SsimaeError(f"{source} is an ONNX model; run it with --backend onnxruntime, or pass the checkpoint")
+    torch_device = resolve_device(overrides["device"])
+    if backend == "onnxruntime":
+        from .onnx_backend import onnx_detector
+
+        return onnx_detector(source, torch_device, overrides, threshold)
+    checkpoint = Checkpoint.load(source)
+    config = apply_overrides(checkpoint.config, overrides)
+    check_stride(checkpoint.config, config, threshold)
+    return torch_detector(checkpoint, torch_device, config)
