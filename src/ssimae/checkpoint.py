@@ -53,7 +53,11 @@ class Checkpoint:
     thresholds: Thresholds | None = None  # None until training has finished
     training: TrainingState = field(default_factory=TrainingState)
     history: list[dict] = field(default_factory=list)  # one record per epoch
+    # The settings of each stretch of training: a resume that changes settings starts a new segment,
+    # {"start_step": step, "changed": {setting: [before, after]}, "config": the settings from then on}.
+    segments: list[dict] = field(default_factory=list)
     optimizer_state: dict | None = None
+    rng_state: dict | None = None  # torch (and CUDA) generator states, restored on resume
     version: str = __version__
 
     @property
@@ -73,7 +77,9 @@ class Checkpoint:
             "thresholds": dataclasses.asdict(self.thresholds) if self.thresholds else None,
             "training": dataclasses.asdict(self.training),
             "history": self.history,
+            "segments": self.segments,
             "optimizer_state": self.optimizer_state,
+            "rng_state": self.rng_state,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -159,7 +165,9 @@ def _from_dict(state: dict) -> Checkpoint:
         thresholds=Thresholds(**_threshold_fields(thresholds)) if thresholds is not None else None,
         training=TrainingState(**state["training"]),
         history=list(state["history"]),
+        segments=list(state["segments"]),
         optimizer_state=state["optimizer_state"],
+        rng_state=state["rng_state"],
         version=str(state["version"]),
     )
 

@@ -15,6 +15,7 @@ import inspect
 import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,6 +33,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """argparse's usage errors on one line, like every other user error."""
         self.exit(2, f"ssimae: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+def _without_abbreviations(add_parser):
+    def add(*args, **kwargs):
+        return add_parser(*args, allow_abbrev=False, **kwargs)
+
+    return add
 
 
 def _recording(base: type[argparse.Action]) -> type[argparse.Action]:
@@ -115,11 +123,14 @@ def inference_overrides(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ssimae", description="Unsupervised defect segmentation with SSIM autoencoders.")
+    # allow_abbrev=False: a mistyped flag must be an error, not silently another flag (--strid -> --stride).
+    parser = _Parser(prog="ssimae", description="Unsupervised defect segmentation with SSIM autoencoders.",
+                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"ssimae {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info messages")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands.add_parser = _without_abbreviations(commands.add_parser)
 
     train = commands.add_parser("train", parents=[common], help="train a model on defect-free images")
     train.add_argument("dataset", type=Path, help="MVTec AD category folder, or a folder of defect-free images")
@@ -131,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("checkpoint", type=Path)
     predict.add_argument("input", type=Path, help="an image file or a folder (searched recursively)")
     predict.add_argument("--output", "-o", type=Path, required=True)
-    predict.add_argument("--threshold", type=_typed(float, "threshold"), help="override the checkpoint's threshold")
+    predict.add_argument("--threshold", action=_STORE, type=_typed(float, "threshold"),
+                         help="override the checkpoint's threshold")
     predict.add_argument("--strict", action="store_true",
                          help="stop at the first unreadable image (default: skip it, list it in errors.csv, exit 1)")
     _add_inference_flags(predict)
@@ -141,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("dataset", type=Path, help="MVTec AD category folder with test/ and ground_truth/")
     evaluate.add_argument("--output", "-o", type=Path, required=True)
     evaluate.add_argument("--save-maps", action="store_true", help="also write maps/<defect>/<name>.tiff")
-    evaluate.add_argument("--threshold", type=_typed(float, "threshold"), help="override the checkpoint's threshold")
+    evaluate.add_argument("--threshold", action=_STORE, type=_typed(float, "threshold"),
+                          help="override the checkpoint's threshold")
     _add_inference_flags(evaluate)
 
     compare = commands.add_parser("compare", parents=[common],
@@ -276,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         if exit.code == 2:
             return 2
         raise
+    # Pillow warns (with its source line) about damaged files it still decodes; the image's own
+    # error, if any, is the one line the user needs.
+    warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     handler.setLevel(logging.WARNING if args.quiet else logging.INFO)  # filter here: train.log still gets INFO

@@ -175,14 +175,15 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def method_picks(test: TestMaps, rows: list[dict], threshold: float | None, method: str, data_dir: Path) -> dict:
+def method_picks(test: TestMaps, rows: list[dict], threshold: float | None, method: str, data_dir: Path,
+                 max_pixels: int) -> dict:
     """Save input/overlay/ground-truth thumbnails of the best and worst segmented defective images."""
     order = ranked_defective(rows)
     chosen = {"best": order[:PICKS], "worst": [i for i in order[::-1][:PICKS] if i not in order[:PICKS]]}
     picks: dict[str, list[dict]] = {"best": [], "worst": []}
     for kind, indices in chosen.items():
         for rank, i in enumerate(indices, 1):
-            image, amap, mask = read_image(test.items[i].path), test.maps[i], test.masks[i]
+            image, amap, mask = read_image(test.items[i].path, max_pixels), test.maps[i], test.masks[i]
             top = threshold if threshold is not None else float(np.quantile(amap, 0.99))
             overlay = overlay_image(image, amap, amap > top, top)
             name = f"{method}_{kind}_{rank}.npz"
@@ -274,7 +275,7 @@ def compare(
         metrics = metrics_of(test, detector.threshold, FPR_LIMIT)
         curves.update(method_curves(test, method))
         rows = per_image_scores(test, detector.threshold, test_root)
-        picks = method_picks(test, rows, detector.threshold, method, data_dir)
+        picks = method_picks(test, rows, detector.threshold, method, data_dir, config.max_image_pixels)
         results[method] = {"metrics": metrics, "training": training,
                            "evaluation_seconds": time.monotonic() - started, "per_image": rows, "picks": picks}
         del test
@@ -283,7 +284,7 @@ def compare(
     items = {item.path.relative_to(test_root).as_posix(): item for item in find_test_items(dataset)}
     for number, example in enumerate(examples, 1):
         item = items[example["path"]]
-        image = read_image(item.path)
+        image = read_image(item.path, config.max_image_pixels)
         mask = load_mask(item.mask_path, image.shape[:2]) if item.mask_path else np.zeros(image.shape[:2], dtype=bool)
         example["file"] = f"examples/data/example_{number}_{example['rank']}.npz"
         example["figure"] = f"examples/{number}_{example['rank']}_{item.path.stem}.png"

@@ -32,7 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # sigma 4; the blur floor is defined with sigma 2 (README); the autoencoders' maps are not smoothed.
 METHOD_SMOOTHING = {"patchcore": 4.0, "blur": 2.0}
 # Settings that may differ at inference time from training (predict/evaluate flags).
-INFERENCE_SETTINGS = ("stride", "infer_batch_size", "device", "precision")
+INFERENCE_SETTINGS = ("stride", "infer_batch_size", "device", "precision", "max_image_pixels")
 
 # Named bundles of settings, applied over the defaults and under a YAML file and flags.
 # "paper" is the paper's and the MVTec protocol's settings (the defaults). "tuned" adds what helped
@@ -53,6 +53,7 @@ class Config:
     color: str = "gray"  # gray | rgb; the MVTec protocol ran the SSIM-AE on gray images
     # --- images
     image_size: str | None = None  # None keeps the size; "256" resizes the shorter side; "320x240" is WxH
+    max_image_pixels: int = 16384 * 16384  # larger images are refused before decoding (decompression-bomb guard)
     # --- training data
     patches_per_epoch: int = 10_000  # random crops per epoch
     rotate: str = "any"  # none | 90 | any: random rotation of each training crop
@@ -117,7 +118,7 @@ class Config:
                 f"stride {self.stride} is outside 1..{self.patch_size}: tiles would leave gaps; "
                 f"use a stride <= the patch size {self.patch_size}",
             )
-        for name in ("latent_dim", "patches_per_epoch", "epochs", "batch_size", "infer_batch_size"):
+        for name in ("latent_dim", "patches_per_epoch", "epochs", "batch_size", "infer_batch_size", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:

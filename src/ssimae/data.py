@@ -26,16 +26,22 @@ from .errors import SsimaeError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Images larger than this are refused before decoding (a file whose header claims 30000x30000 would
+# need 3.6 GB as float32 gray); Config.max_image_pixels raises it. It replaces Pillow's own
+# decompression-bomb check, which would otherwise stop any image over 179 MP with a traceback.
+DEFAULT_MAX_PIXELS = 16384 * 16384
+Image.MAX_IMAGE_PIXELS = None
 GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's convert("L")
 
 
 # --------------------------------------------------------------------------- image files
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An image file as float32 (H, W, C) in [0, 1], C = 1 or 3; alpha is dropped.
 
-    8-bit, 16-bit and float images; gray, gray+alpha, RGB, RGBA, palette and bilevel modes.
+    8-bit, 16-bit and float images; gray, gray+alpha, RGB, RGBA, palette and bilevel modes. An image
+    of more than `max_pixels` pixels is refused from its header, before any decoding.
     """
     path = Path(path)
     if not path.is_file():
@@ -44,6 +50,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise SsimaeError(f"image {path} is an empty (zero-byte) file; replace or remove it")
     try:
         with Image.open(path) as image:
+            if image.width * image.height > max_pixels:
+                raise SsimaeError(
+                    f"image {path} is {image.width}x{image.height} = {image.width * image.height:,} pixels, more than "
+                    f"the limit of {max_pixels:,} (a guard against decompression bombs); if the image is genuine, "
+                    "raise the limit with --max-image-pixels"
+                )
             image.load()
             array = _pil_to_array(image, path)
     except SsimaeError:
@@ -96,9 +108,9 @@ def to_color(array: np.ndarray, color: str) -> np.ndarray:
     return array if channels == 3 else np.repeat(array, 3, axis=2)
 
 
-def load_image(path: str | os.PathLike, color: str, image_size=None) -> np.ndarray:
+def load_image(path: str | os.PathLike, color: str, image_size=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """read_image + colour conversion + optional resize, (H, W, C) float32."""
-    return resize_image(to_color(read_image(path), color), image_size)
+    return resize_image(to_color(read_image(path, max_pixels), color), image_size)
 
 
 def target_size(height: int, width: int, image_size) -> tuple[int, int]:
@@ -136,7 +148,7 @@ def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     """A ground-truth mask as bool (H, W); nonzero = defect; must match the image's (H, W)."""
-    mask = read_image(path)[:, :, 0] > 0
+    mask = read_image(path, max(DEFAULT_MAX_PIXELS, shape[0] * shape[1]))[:, :, 0] > 0
     if mask.shape != tuple(shape):
         raise SsimaeError(
             f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]} (WxH); "

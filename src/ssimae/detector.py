@@ -80,7 +80,7 @@ class Detector:
 
 def validation_maps(detector: Detector, paths: list[Path]) -> list[np.ndarray]:
     """Anomaly maps of defect-free validation images, through the same path as predict."""
-    return [detector.anomaly_map(read_image(path)) for path in paths]
+    return [detector.anomaly_map(read_image(path, detector.config.max_image_pixels)) for path in paths]
 
 
 # --------------------------------------------------------------------------- building

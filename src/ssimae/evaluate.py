@@ -17,7 +17,7 @@ import numpy as np
 
 from .data import TestItem, find_test_items, load_mask, read_image
 from .errors import SsimaeError
-from .files import atomic_write_text, json_safe
+from .files import atomic_write_text, json_safe, output_folder
 from .metrics import evaluate_maps
 from .detector import Detector
 from .predict import warn_colour_mismatch, write_tiff
@@ -38,7 +38,7 @@ def compute_test_maps(detector: Detector, dataset: str | os.PathLike, progress: 
     test_root = Path(dataset) / "test"
     maps, masks, warned = [], [], set()
     for item in progress(items) if progress else items:
-        image = read_image(item.path)
+        image = read_image(item.path, detector.config.max_image_pixels)
         warn_colour_mismatch(image, detector, item.path, warned)
         amap = detector.anomaly_map(image)
         shape = image.shape[:2]
@@ -112,9 +112,7 @@ def evaluate(detector: Detector, dataset: str | os.PathLike, output_dir: str | o
     `threshold` replaces the detector's for the figures at the threshold."""
     if not (Path(dataset) / "test").is_dir():
         raise SsimaeError(f"{dataset} has no test folder; evaluation needs the MVTec layout test/<defect>/<image>")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise SsimaeError(f"output {output_dir} is a file, not a folder; choose another --output")
+    output_dir = output_folder(output_dir)
     maps_dir = output_dir / "maps" if save_maps else None
     test = compute_test_maps(detector, dataset, progress, maps_dir)
     metrics = metrics_of(test, detector.threshold if threshold is None else threshold)

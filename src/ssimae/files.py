@@ -34,6 +34,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def output_folder(path: str | os.PathLike) -> Path:
+    """Create an output folder (and its parents) now, so a folder that cannot exist fails before any work."""
+    from .errors import SsimaeError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SsimaeError(f"output {path} is a file, not a folder; choose another --output")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SsimaeError(f"cannot create the output folder {path}: {error.strerror or error}; "
+                          "choose another --output") from None
+    return path
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete the temp files atomic_path leaves when its process is killed mid-write (SIGKILL gives it
+    no chance to clean up); returns how many. Only hidden '.<stem>.<random><suffix>.tmp' names match."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")) if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -29,7 +29,7 @@ from scipy import ndimage
 from .data import IMAGE_EXTENSIONS, list_images, read_image, to_color
 from .detector import Detector, Prediction
 from .errors import SsimaeError
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, output_folder, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +122,35 @@ def write_outputs(output_dir: Path, name: Path, image: np.ndarray, result: Predi
 
 
 class ScoresFile:
-    """scores.csv, one row appended (and flushed) per finished image."""
+    """scores.csv, one row appended (and flushed) per finished image. The file is made with its first
+    row (or by finish(), header only, when no image could be done), so a run that fails before any
+    image leaves no scores.csv."""
 
     FIELDS = ("path", "score", "defective")
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(path, "w", newline="")
+        self.path, self.handle, self.writer = path, None, None
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w", newline="")
         self.writer = csv.writer(self.handle)
         self.writer.writerow(self.FIELDS)
-        self.handle.flush()
 
     def add(self, row: dict) -> None:
+        if self.handle is None:
+            self._open()
         self.writer.writerow([row["path"], f"{row['score']:.6f}", row["defective"]])
         self.handle.flush()
 
+    def finish(self) -> None:
+        if self.handle is None:
+            self._open()
+        self.close()
+
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
 class PredictResult(NamedTuple):
@@ -154,10 +166,10 @@ OVERLAP_MAX_PIXELS = 4096 * 4096
 WRITERS = 2
 
 
-def _read(path: Path):
+def _read(path: Path, max_pixels: int):
     """(image, None) or (None, reason) for an unreadable file."""
     try:
-        return read_image(path), None
+        return read_image(path, max_pixels), None
     except SsimaeError as error:
         return None, str(error)
 
@@ -178,20 +190,20 @@ def predict_folder(
     outputs while the current one is computed (the same files; bench/speed.py measures the gain).
     Images over OVERLAP_MAX_PIXELS are done one at a time, so memory stays that of one image.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise SsimaeError(f"output {output_dir} is a file, not a folder; choose another --output")
-    paths, base = input_images(source, skip=output_dir)
+    paths, base = input_images(source, skip=Path(output_dir))
     threshold = detector.threshold if threshold is None else threshold
     if threshold is None:
         raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
+    output_dir = output_folder(output_dir)
     names = output_names(paths, base)
+    remove_stale_temps(output_dir, recursive=True)  # left by a run killed mid-write
+    limit = detector.config.max_image_pixels
     rows, errors, warned = [], [], set()
     scores = ScoresFile(output_dir / "scores.csv")
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="ssimae-read") as reader, \
                 ThreadPoolExecutor(WRITERS, thread_name_prefix="ssimae-write") as writer:
-            next_read, writing = reader.submit(_read, paths[0]), collections.deque()
+            next_read, writing = reader.submit(_read, paths[0], limit), collections.deque()
 
             def finish_oldest() -> None:
                 future, row = writing.popleft()
@@ -205,7 +217,7 @@ def predict_folder(
                     next_read = None
                     small = image is not None and overlap and image.shape[0] * image.shape[1] <= OVERLAP_MAX_PIXELS
                     if (small or image is None) and index + 1 < len(paths):
-                        next_read = reader.submit(_read, paths[index + 1])
+                        next_read = reader.submit(_read, paths[index + 1], limit)
                     if image is None:
                         if strict:
                             raise SsimaeError(f"{reason} (--strict stops at the first bad file)")
@@ -224,7 +236,7 @@ def predict_folder(
                         if not small:  # a large image: finish its files before reading the next one
                             finish_oldest()
                     if next_read is None and index + 1 < len(paths):
-                        next_read = reader.submit(_read, paths[index + 1])
+                        next_read = reader.submit(_read, paths[index + 1], limit)
             except BaseException:  # keep the images already computed: finish their files and rows
                 while writing:
                     try:
@@ -234,6 +246,7 @@ def predict_folder(
                 raise
             while writing:
                 finish_oldest()
+        scores.finish()
     finally:
         scores.close()
     errors_path = output_dir / "errors.csv"

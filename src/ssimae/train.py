@@ -29,6 +29,7 @@ from .data import find_training_images, load_image, pad_to_min_size, sample_patc
 from .detector import torch_detector, validation_maps
 from .devices import resolve_device, resolve_precision
 from .errors import SsimaeError
+from .files import output_folder, remove_stale_temps
 from .losses import LossFn, l2_loss, make_loss, reconstruction
 from .models import VaeOutput
 from .threshold import choose_threshold
@@ -62,7 +63,7 @@ def train_one_epoch(
     device: torch.device,
     micro_batch: int | None = None,
     bf16: bool = False,
-    progress: tqdm | None = None,
+    progress: "TrainingProgress | None" = None,
     deadline: float | None = None,
 ) -> tuple[float, int]:
     """One optimiser step per batch of `batches` (N, C, P, P); (mean loss, steps done).
@@ -92,8 +93,7 @@ def train_one_epoch(
         total += loss
         done += 1
         if progress is not None:
-            progress.update(len(x))
-            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            progress.step(loss)
     return total / max(done, 1), done
 
 
@@ -140,7 +140,7 @@ def evaluate_loss(model: torch.nn.Module, loss_fn: LossFn, patches: torch.Tensor
 
 def load_images(paths: list[Path], config: Config) -> list[np.ndarray]:
     """Decode, convert and resize images for training, (H, W, C) float32 each."""
-    images = [load_image(p, config.color, config.resize) for p in paths]
+    images = [load_image(p, config.color, config.resize, config.max_image_pixels) for p in paths]
     small = [p for p, im in zip(paths, images) if min(im.shape[:2]) < config.patch_size]
     if small and config.kind == "reconstruction":
         log.warning(
@@ -179,6 +179,14 @@ def check_resumable(previous: Checkpoint, config: Config, path: Path) -> None:
     if changed:
         raise SsimaeError(f"cannot resume {path}: {', '.join(changed)} differ from the checkpoint; "
                           "keep them or start a new run")
+    if previous.training.complete and previous.config.kind != "reconstruction":
+        raise SsimaeError(f"cannot resume {path}: {previous.method} has no training to continue; start a new run")
+
+
+def changed_settings(before: Config, after: Config) -> dict[str, list]:
+    """{setting: [before, after]} for every setting that differs."""
+    old, new = before.to_dict(), after.to_dict()
+    return {k: [old[k], new[k]] for k in new if old.get(k) != new[k]}
 
 
 class run_folder:
@@ -193,14 +201,11 @@ class run_folder:
 
     def __enter__(self):
         self.made = not self.run_dir.exists()
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise SsimaeError(f"cannot create the run folder {self.run_dir}: {error.strerror or error}; "
-                              "choose another --output") from None
+        output_folder(self.run_dir)
         if self.fresh:
             for name in self.FILES:
                 (self.run_dir / name).unlink(missing_ok=True)
+        remove_stale_temps(self.run_dir)  # a save killed mid-write (SIGKILL) leaves its temp file
         logger = logging.getLogger("ssimae")
         self.old_level = logger.level
         if logger.getEffectiveLevel() > logging.INFO:
@@ -271,22 +276,17 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
     # channels_last (NHWC): faster with oneDNN on CPU and the layout CUDA tensor cores want; the same net.
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    checkpoint = Checkpoint(config, channels, {})
+    checkpoint = Checkpoint(config, channels, {}, segments=[{"start_step": 0, "changed": {}, "config": config.to_dict()}])
     if previous is not None:
-        model.load_state_dict(previous.weights)
-        if previous.optimizer_state:
-            optimizer.load_state_dict(previous.optimizer_state)
-        checkpoint.training, checkpoint.history = previous.training, list(previous.history)
-        checkpoint.training.complete = False
-        log.info("resuming at epoch %d, step %d (%.0f s trained)", checkpoint.training.epoch,
-                 checkpoint.training.step, checkpoint.training.seconds)
+        resume_from(previous, checkpoint, model, optimizer)
     feature_extractor = None
     if config.method == "fm-ae":
         from .features import extractor_for  # the pretrained net is needed by fm-ae only
 
         feature_extractor = extractor_for(config).to(device)
     loss_fn = make_loss(config, feature_extractor)
-    val_source = [load_image(p, config.color, config.resize) for p in split.validation] or images
+    val_source = [load_image(p, config.color, config.resize, config.max_image_pixels) for p in split.validation] \
+        or images
     val_patches = sample_patches(
         [pad_to_min_size(im, config.patch_size) for im in val_source],
         VALIDATION_PATCHES, config.patch_size, np.random.default_rng([config.seed, 1]), rotate="none", flip=False,
@@ -300,7 +300,7 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60 - state.seconds
-    with training_bar(config, state, total_steps, progress) as bar:
+    with TrainingProgress(config, state.step, total_steps, deadline, progress) as bar:
         while state.step < total_steps and (deadline is None or time.monotonic() < deadline):
             started = time.monotonic()
             rng = np.random.default_rng([config.seed, 0, state.epoch])  # per-epoch stream: resumable
@@ -324,18 +324,78 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
             log.info("epoch %d step %d loss %.5f val_loss %.5f fidelity %.3f detail %.3f %.0f patches/s",
                      state.epoch, state.step, loss, record["val_loss"], record["fidelity_corr"],
                      record["detail_ratio"], record["patches_per_s"])
-            checkpoint.weights = model.state_dict()
-            checkpoint.optimizer_state = optimizer.state_dict()
+            keep_training_state(checkpoint, model, optimizer)
             checkpoint.save(run_dir / "checkpoint.pt")
-    checkpoint.weights = model.state_dict()
-    checkpoint.optimizer_state = optimizer.state_dict()
+    keep_training_state(checkpoint, model, optimizer)
     return checkpoint
 
 
-def training_bar(config: Config, state: TrainingState, total_steps: int, progress: bool) -> tqdm:
-    """A progress bar over patches, whose total is the step budget."""
-    return tqdm(total=total_steps * config.batch_size, initial=state.step * config.batch_size, unit="patch",
-                unit_scale=True, desc=config.method, disable=not progress, dynamic_ncols=True)
+def keep_training_state(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Copy what a resume needs into the checkpoint: weights, optimizer and random generator states."""
+    checkpoint.weights = model.state_dict()
+    checkpoint.optimizer_state = optimizer.state_dict()
+    checkpoint.rng_state = {"torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def resume_from(previous: Checkpoint, checkpoint: Checkpoint, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer) -> None:
+    """Continue `previous`: weights, optimizer, random generators, counters and history. Settings that
+    changed apply from now on (the learning rate and weight decay to the optimizer too) and start a
+    new segment of the run record."""
+    config = checkpoint.config
+    model.load_state_dict(previous.weights)
+    if previous.optimizer_state:
+        optimizer.load_state_dict(previous.optimizer_state)
+    for group in optimizer.param_groups:  # the restored state carries the old values
+        group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+    if previous.rng_state:
+        torch.set_rng_state(previous.rng_state["torch"])
+        if previous.rng_state.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(previous.rng_state["cuda"])
+    checkpoint.training, checkpoint.history = previous.training, list(previous.history)
+    checkpoint.training.complete = False
+    checkpoint.segments = list(previous.segments) or [{"start_step": 0, "changed": {}, "config": previous.config.to_dict()}]
+    changed = changed_settings(previous.config, config)
+    if changed:
+        checkpoint.segments.append({"start_step": checkpoint.training.step, "changed": changed,
+                                    "config": config.to_dict()})
+        log.info("settings changed from step %d: %s", checkpoint.training.step,
+                 ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    log.info("resuming at epoch %d, step %d (%.0f s trained)", checkpoint.training.epoch,
+             checkpoint.training.step, checkpoint.training.seconds)
+
+
+class TrainingProgress:
+    """A progress bar over patches whose total is what the budget will actually allow: the step budget,
+    or, under --max-minutes, the steps the measured rate fits in the time left (so the ETA is the
+    time the run will really stop)."""
+
+    def __init__(self, config: Config, step: int, total_steps: int, deadline: float | None, enabled: bool):
+        self.batch, self.step_now, self.total_steps, self.deadline = config.batch_size, step, total_steps, deadline
+        self.started, self.first_step = time.monotonic(), step
+        self.bar = tqdm(total=self._projected_steps() * self.batch, initial=step * self.batch, unit="patch",
+                        unit_scale=True, desc=config.method, disable=not enabled, dynamic_ncols=True)
+
+    def _projected_steps(self) -> int:
+        done = self.step_now - self.first_step
+        if self.deadline is None or done == 0:
+            return self.total_steps
+        rate = done / max(time.monotonic() - self.started, 1e-9)  # steps per second so far
+        reachable = self.step_now + int(max(0.0, self.deadline - time.monotonic()) * rate)
+        return max(self.step_now, min(self.total_steps, reachable))
+
+    def step(self, loss: float) -> None:
+        self.step_now += 1
+        self.bar.total = self._projected_steps() * self.batch
+        self.bar.update(self.batch)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def __enter__(self) -> "TrainingProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
