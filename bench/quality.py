@@ -84,7 +84,7 @@ def run_one(dataset: Path, method: str, preset: str, steps: int, overrides: dict
     detector = load_detector(result.checkpoint)
     started = time.monotonic()
     test = compute_test_maps(detector, dataset)
-    metrics = metrics_of(test, detector.threshold)
+    metrics = metrics_of(test, detector)
     eval_seconds = time.monotonic() - started
     last = result.history[-1]
     return {

@@ -430,15 +430,17 @@ def section_folder(ctx: dict, rounds: int, count: int, workdir: Path) -> dict:
         """One image after the other: read, resize, the plain sliding window, resize back, write."""
         from ssimae.data import read_image, resize_map
         from ssimae.detector import Prediction
-        from ssimae.predict import write_outputs
+        from ssimae.predict import score_row, write_outputs
 
         for path in sorted(folder.glob("*.png")):
             image = read_image(path)
             small = resize_image(image, 256)
             amap = ref.reference_anomaly_map(torch.from_numpy(small).permute(2, 0, 1), reference, 128, 30, 128)
             amap = resize_map(amap.numpy(), *image.shape[:2])
-            write_outputs(workdir / "out-reference", Path(path.stem), image,
-                          Prediction(amap, amap > 0.5, float(amap.max())), 0.5)
+            mask = amap > 0.5
+            result = Prediction(amap, mask, float(amap.max()), bool(mask.any()), int(mask.any()))
+            write_outputs(workdir / "out-reference", Path(path.stem), image, result,
+                          score_row(path.name, result, 0.5, None))
 
     runs["reference eager, sequential"] = reference_folder
     for det in detectors:  # warm up each backend on one image, not on the whole folder

@@ -19,6 +19,7 @@ from PIL import Image
 
 import ssimae
 from ssimae.checkpoint import Checkpoint
+from ssimae.threshold import drop_small_regions
 from ssimae.cli import main
 
 BIN = Path(sys.executable).parent
@@ -56,7 +57,7 @@ def cli_run(tmp_path_factory, mvtec_root) -> Path:
     """`ssimae train` with a YAML --config (min-defect-area 30, stride 32) and tiny flags (--stride 64 wins)."""
     folder = tmp_path_factory.mktemp("cli")
     settings = folder / "settings.yaml"
-    settings.write_text("min-defect-area: 30\nstride: 32\n")
+    settings.write_text("min-defect-area: 30\nstride: 32\nthreshold-rule: min-area\n")
     run = folder / "run"
     logger = logging.getLogger("ssimae")
     saved = logger.handlers[:], logger.level, logger.propagate
@@ -88,13 +89,14 @@ def test_predict_writes_maps_masks_overlays_and_scores(cli_run, mvtec_root, tmp_
     code, stdout, err = run_cli(capsys, "predict", cli_run / "checkpoint.pt", mvtec_root / "test", "--output", out, "--quiet")
     assert code == 0, err
     assert "4 image(s)" in stdout
-    threshold = Checkpoint.load(cli_run / "checkpoint.pt").thresholds.pixel
+    thresholds = Checkpoint.load(cli_run / "checkpoint.pt").thresholds
     with open(out / "scores.csv", newline="") as handle:
-        reader = csv.reader(handle)
-        assert next(reader) == ["path", "score", "defective"]
-        rows = list(reader)
-    assert [r[0] for r in rows] == ["good/000.png", "good/001.png", "scratch/000.png", "scratch/001.png"]
-    for rel, score, defective in rows:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "score", "raw_score", "image_threshold", "pixel_threshold", "defective", "regions",
+                             "defect_area_px", "defect_area_percent"]
+    assert [r["path"] for r in rows] == ["good/000.png", "good/001.png", "scratch/000.png", "scratch/001.png"]
+    for row in rows:
+        rel = row["path"]
         image = mvtec_root / "test" / rel
         stem = Path(rel).with_suffix("")
         size = _image_size(image)
@@ -106,11 +108,15 @@ def test_predict_writes_maps_masks_overlays_and_scores(cli_run, mvtec_root, tmp_
         with Image.open(out / "masks" / f"{stem}.png") as png:
             mask = np.asarray(png)
         assert mask.shape == size and set(np.unique(mask)) <= {0, 255}
-        np.testing.assert_array_equal(mask == 255, amap > threshold)
-        with Image.open(out / "overlays" / f"{stem}.png") as png:
-            assert png.mode == "RGB" and (png.height, png.width) == size
-        assert float(score) == pytest.approx(float(amap.max()), abs=1e-6)
-        assert defective == ("yes" if (mask == 255).any() else "no")
+        np.testing.assert_array_equal(mask == 255, drop_small_regions(amap > thresholds.pixel, 30))
+        with Image.open(out / "overlays" / f"{stem}.png") as png:  # three panels, each >= 256 px on its short side
+            assert png.mode == "RGB" and png.width > 3 * 256 and png.height > 256
+        raw = float(row["raw_score"])
+        assert raw == pytest.approx(float(amap.max()), rel=1e-5)  # the max image score of this run
+        assert float(row["score"]) == pytest.approx(raw / thresholds.image, rel=1e-5)
+        assert float(row["image_threshold"]) == pytest.approx(thresholds.image, rel=1e-5)
+        assert row["defective"] == ("yes" if raw > thresholds.image else "no")
+        assert int(row["defect_area_px"]) == int((mask == 255).sum())
     assert tmp_files(out) == []
 
 
@@ -120,6 +126,8 @@ def test_predict_threshold_override(checkpoint_path, mvtec_root, tmp_path, capsy
                            "--output", out, "--threshold", "-1", "--quiet")
     assert code == 0, err
     assert (np.asarray(Image.open(out / "masks" / "000.png")) == 255).all()  # every score is > -1
+    row = next(csv.DictReader(open(out / "scores.csv", newline="")))
+    assert row["defective"] == "yes" and row["image_threshold"] == ""  # the verdict follows the override
     assert "000.png" in (out / "scores.csv").read_text()
 
 

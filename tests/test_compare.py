@@ -70,6 +70,10 @@ def test_metrics_json_has_every_method_and_defect_type(run):
         for key in ("pixel_auroc", "au_pro", "image_auroc", "pixel_f1_max"):
             assert 0 <= entry["metrics"][key] <= 1, (method, key)
             assert 0 <= entry["metrics"]["per_defect_type"]["scratch"][key] <= 1
+        for key in ("pixel_f1", "image_accuracy", "image_accuracy_best", "image_precision", "image_recall"):
+            assert 0 <= entry["metrics"][key] <= 1, (method, key)
+        assert entry["metrics"]["image_accuracy"] <= entry["metrics"]["image_accuracy_best"]
+        assert 0 <= entry["metrics"]["validation"]["pixel_fpr"] <= 0.01  # the default rule's target
         assert entry["training"]["steps"] == 2 and entry["training"]["seconds"] > 0
         assert entry["training"]["reused"] is False
         assert len(entry["per_image"]) == 5
@@ -111,6 +115,7 @@ def test_html_is_self_contained(run):
     assert "<link" not in page and "<script" not in page and "url(" not in page
     for method in METHOD_NAMES:
         assert method in page
+    assert "<h2>Decisions</h2>" in page and "validation pixel FPR" in page
 
 
 def test_report_regenerates_from_saved_results(run, tmp_path):

@@ -9,6 +9,7 @@ from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 from ssimae.errors import SsimaeError
 from ssimae.metrics import (
+    best_accuracy,
     au_pro,
     evaluate_maps,
     f1_max,
@@ -263,12 +264,37 @@ def test_f1_max_matches_brute_force(seed, levels):
 def test_evaluate_maps_consistent():
     maps, masks = _dataset(15, 8)
     r = evaluate_maps(maps, masks)
-    assert set(r) == {"pixel_auroc", "au_pro", "image_auroc", "pixel_f1_max"}
+    assert set(r) == {"pixel_auroc", "au_pro", "image_auroc", "image_auroc_max", "pixel_f1_max"}
+    assert r["image_auroc"] == r["image_auroc_max"]  # without scores, the map maxima rank the images
     assert r["pixel_auroc"] == pixel_auroc(maps, masks)
     assert r["au_pro"] == au_pro(maps, masks)
     assert r["pixel_f1_max"] == f1_max(maps, masks)[0]
     labels = [g.any() for g in masks]
     assert r["image_auroc"] == pytest.approx(roc_auc_score(labels, [m.max() for m in maps]))
+
+
+def test_evaluate_maps_ranks_the_given_image_scores():
+    maps, masks = _dataset(15, 8)
+    labels = [g.any() for g in masks]
+    scores = [float(m.mean()) for m in maps]
+    r = evaluate_maps(maps, masks, scores=scores)
+    assert r["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert r["image_auroc_max"] == pytest.approx(roc_auc_score(labels, [m.max() for m in maps]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_accuracy_is_the_best_of_every_cut(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, 40).astype(float)  # ties: a cut may not split equal scores
+    labels = rng.random(40) < 0.4
+    best = best_accuracy(scores, labels)
+    brute = max(((scores > t) == labels).mean() for t in np.concatenate([[-1.0], np.unique(scores)]))
+    assert best["accuracy"] == pytest.approx(brute)
+    flagged = scores > best["threshold"]
+    assert (flagged == labels).mean() == pytest.approx(best["accuracy"])
+    assert best["recall"] == pytest.approx((flagged & labels).sum() / labels.sum())
+    assert best_accuracy([0.1, 0.2, 0.9, 0.8], [False, False, True, True]) == {
+        "accuracy": 1.0, "threshold": 0.2, "precision": 1.0, "recall": 1.0}
 
 
 def test_evaluate_maps_all_good_images():

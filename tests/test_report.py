@@ -12,6 +12,10 @@ from ssimae.errors import SsimaeError
 from ssimae.report import FORMAT, load_results, metrics_csv, metrics_markdown, write_report
 
 HEADLINE = {"pixel_auroc": 0.9, "au_pro": 0.5, "image_auroc": None, "pixel_f1_max": 0.25}
+DECISIONS = {"pixel_f1": 0.2, "image_accuracy": 0.75, "image_accuracy_best": 0.8, "image_precision": 0.6,
+             "image_recall": 1.0, "good_images_flagged": 0.5, "validation": {"pixel_fpr": 0.01, "images": 4,
+                                                                           "images_with_false_region": 0.25,
+                                                                           "image_fpr": 0.0}}
 
 
 def fake_run(root: Path, methods: list[str], example_keys: tuple[str, ...] = ()) -> Path:
@@ -24,7 +28,7 @@ def fake_run(root: Path, methods: list[str], example_keys: tuple[str, ...] = ())
         save_npz(root / pick["file"], input=rng.integers(0, 255, (20, 30, 3), dtype=np.uint8),
                  overlay=rng.integers(0, 255, (20, 30, 3), dtype=np.uint8), ground_truth=np.eye(20, 30, dtype=bool))
         results[method] = {
-            "metrics": {**HEADLINE, "images": 5, "good_images": 2,
+            "metrics": {**HEADLINE, **DECISIONS, "images": 5, "good_images": 2,
                         "per_defect_type": {"crack": {**HEADLINE, "images": 3}}},
             "training": {"seconds": 150.0, "steps": 7, "epochs": 1, "checkpoint": "x.pt", "reused": False,
                          "threshold": 0.1, "fidelity_corr": 0.01, "detail_ratio": 0.2},
@@ -56,10 +60,12 @@ def test_markdown_and_csv_tables(tmp_path):
     markdown = metrics_markdown(results)
     assert "| ssim-ae | 0.9000 | 0.5000 | n/a | 0.2500 | 2.5 min | 7 |" in markdown
     assert "| crack | 3 | vae | 0.9000 | 0.5000 | n/a | 0.2500 |" in markdown
+    assert "| vae | 0.2000 | 0.2500 | 0.7500 | 0.8000 | 0.6000 | 1.0000 | 0.5000 | 0.0100 |" in markdown
     lines = metrics_csv(results).splitlines()
-    assert lines[0] == "method,subset,images,pixel_auroc,au_pro,image_auroc,pixel_f1_max,training_seconds,steps"
-    assert lines[1] == "ssim-ae,all,5,0.900000,0.500000,,0.250000,150.0,7"
-    assert lines[2] == "ssim-ae,crack,3,0.900000,0.500000,,0.250000,,"
+    assert lines[0] == ("method,subset,images,pixel_auroc,au_pro,image_auroc,pixel_f1_max,pixel_f1,image_accuracy,"
+                        "image_accuracy_best,image_precision,image_recall,good_images_flagged,training_seconds,steps")
+    assert lines[1] == "ssim-ae,all,5,0.900000,0.500000,,0.250000,0.200000,0.750000,0.800000,0.600000,1.000000,0.500000,150.0,7"
+    assert lines[2] == "ssim-ae,crack,3,0.900000,0.500000,,0.250000,,,,,,,,"
     assert len(lines) == 5
 
 

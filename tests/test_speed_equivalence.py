@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import texture_batch
-from ssimae import inference, predict, ssim
+from ssimae import inference, ssim
 from ssimae.config import Config
 from ssimae.detector import Detector, reconstruction_map_fn
 from ssimae.devices import resolve_precision
@@ -270,39 +270,6 @@ def test_inference_micro_batches_equal_one_pass(monkeypatch):
 
 
 # --------------------------------------------------------------------------- predict outputs
-
-
-def _overlay_in_one_piece(image, amap, mask, threshold):
-    """The straightforward whole-image overlay (what overlay_image computed before strips)."""
-    from matplotlib import colormaps
-    from scipy import ndimage
-
-    from ssimae.data import to_color
-
-    rgb = to_color(image, "rgb")
-    top = 2 * threshold if threshold else float(amap.max()) or 1.0
-    heat = colormaps["jet"](np.clip(amap / top, 0, 1))[:, :, :3].astype(np.float32)
-    blended = 0.6 * rgb + 0.4 * heat
-    contour = mask & ~ndimage.binary_erosion(mask, iterations=1, border_value=0)
-    contour = ndimage.binary_dilation(contour, iterations=1) if min(mask.shape) >= 256 else contour
-    blended[contour] = (1.0, 0.0, 0.0)
-    return (np.clip(blended, 0, 1) * 255).round().astype(np.uint8)
-
-
-@pytest.mark.parametrize("shape", [(300, 260, 1), (61, 70, 3), (257, 256, 1)])
-def test_overlay_strips_equal_the_whole_image_overlay(monkeypatch, shape):
-    rng = np.random.default_rng(shape[0])
-    image = rng.random(shape, dtype=np.float32)
-    amap = rng.random(shape[:2], dtype=np.float32)
-    mask = np.zeros(shape[:2], dtype=bool)
-    for _ in range(12):  # blobs crossing strip borders
-        y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])
-        mask[max(0, y - 6) : y + 6, max(0, x - 9) : x + 9] = True
-    mask[0, :] = mask[-1, :] = True  # and the image border
-    expected = _overlay_in_one_piece(image, amap, mask, 0.4)
-    for rows in (1, 7, 64):
-        monkeypatch.setattr(predict, "OVERLAY_ROWS", rows)
-        assert np.array_equal(predict.overlay_image(image, amap, mask, 0.4), expected), rows
 
 
 def _detector(model, residual: str, config: Config, threshold: float) -> Detector:

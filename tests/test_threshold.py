@@ -141,7 +141,9 @@ def test_bad_settings_are_user_errors():
 
 def test_choose_threshold_dispatches_on_the_configured_rule():
     maps = [_three_levels()]
-    t, rule = choose_threshold(maps, 20, None)
+    t, rule = choose_threshold(maps, "min-area", 0.01, 20)
     assert t == pytest.approx(0.5) and "area 20" in rule
-    t, rule = choose_threshold(maps, 20, 0.01)  # at most 16 of 1600 px above: 0.8 leaves 10, 0.5 leaves 30
+    t, rule = choose_threshold(maps, "pixel-fpr", 0.01, 20)  # at most 16 of 1600 px above: 0.8 leaves 10, 0.5 leaves 30
     assert t == pytest.approx(0.8) and "FPR" in rule
+    with pytest.raises(SsimaeError, match="rule 'median'"):
+        choose_threshold(maps, "median", 0.01, 20)

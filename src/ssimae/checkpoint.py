@@ -43,6 +43,9 @@ class Thresholds:
 
     pixel: float  # a pixel is defective when its anomaly score is > this
     pixel_rule: str  # how it was chosen, in words
+    image: float | None = None  # an image is defective when its image score is > this (None: any mask region)
+    image_rule: str = ""
+    validation: dict = field(default_factory=dict)  # what they achieve on the validation images (threshold.py)
 
 
 @dataclass
@@ -162,7 +165,7 @@ def _from_dict(state: dict) -> Checkpoint:
         config=_config(state["config"]),
         channels=_channels(state["channels"]),
         weights=_weights(state["weights"]),
-        thresholds=Thresholds(**_threshold_fields(thresholds)) if thresholds is not None else None,
+        thresholds=Thresholds(**threshold_fields(thresholds)) if thresholds is not None else None,
         training=TrainingState(**state["training"]),
         history=list(state["history"]),
         segments=list(state["segments"]),
@@ -173,10 +176,16 @@ def _from_dict(state: dict) -> Checkpoint:
 
 
 def _from_v1(state: dict) -> Checkpoint:
-    """The untyped dict written by ssimae 0.1.0."""
+    """The untyped dict written by ssimae 0.1.0 (pixel threshold only; its rule was min-area unless
+    threshold_fpr was set)."""
     threshold = state["threshold"]
+    values = dict(state["config"])
+    if values.get("threshold_fpr") is None:
+        values.pop("threshold_fpr", None)
+        values["threshold_rule"] = "min-area"
+    values["image_score"] = "max"
     return Checkpoint(
-        config=_config(state["config"]),
+        config=_config(values),
         channels=_channels(state["model_kwargs"]["channels"]),
         weights=_weights(state["model_state"]),
         thresholds=Thresholds(_finite(threshold), str(state["threshold_rule"])) if threshold is not None else None,
@@ -205,12 +214,15 @@ def _weights(values: Any) -> dict[str, torch.Tensor]:
     return values
 
 
-def _threshold_fields(values: Any) -> dict:
+def threshold_fields(values: Any) -> dict:
+    """The Thresholds fields of a stored dict, checked (finite numbers)."""
     if not isinstance(values, dict):
         raise TypeError("thresholds are not a dict")
     names = {f.name for f in dataclasses.fields(Thresholds)}
     result = {k: v for k, v in values.items() if k in names}
     result["pixel"] = _finite(result["pixel"])
+    if result.get("image") is not None:
+        result["image"] = _finite(result["image"])
     return result
 
 

@@ -34,7 +34,7 @@ from .evaluate import TestMaps, compute_test_maps, metrics_of
 from .files import atomic_path, atomic_write_text, json_safe
 from .methods import PAPER_METHODS
 from .metrics import pixel_auroc, pixel_roc_curve, pro_curve
-from .predict import overlay_image
+from .overlay import blend_overlay
 from .report import FORMAT, write_report
 from .ssim import ssim_components
 from .train import fit
@@ -185,10 +185,10 @@ def method_picks(test: TestMaps, rows: list[dict], threshold: float | None, meth
         for rank, i in enumerate(indices, 1):
             image, amap, mask = read_image(test.items[i].path, max_pixels), test.maps[i], test.masks[i]
             top = threshold if threshold is not None else float(np.quantile(amap, 0.99))
-            overlay = overlay_image(image, amap, amap > top, top)
+            small = shrink(to_color(image, "rgb"), THUMB_SIDE)
+            overlay = blend_overlay(small, shrink(amap, THUMB_SIDE), shrink(amap > top, THUMB_SIDE), 2 * top)
             name = f"{method}_{kind}_{rank}.npz"
-            save_npz(data_dir / name, input=to_uint8(shrink(to_color(image, "rgb"), THUMB_SIDE)),
-                     overlay=shrink(overlay, THUMB_SIDE), ground_truth=shrink(mask, THUMB_SIDE))
+            save_npz(data_dir / name, input=to_uint8(small), overlay=overlay, ground_truth=shrink(mask, THUMB_SIDE))
             picks[kind].append({**rows[i], "file": f"examples/data/{name}"})
     return picks
 
@@ -272,7 +272,7 @@ def compare(
         log.info("evaluating %s on %s", method, test_root)
         started = time.monotonic()
         test = compute_test_maps(detector, dataset, image_progress(method) if image_progress else None)
-        metrics = metrics_of(test, detector.threshold, FPR_LIMIT)
+        metrics = metrics_of(test, detector, FPR_LIMIT)
         curves.update(method_curves(test, method))
         rows = per_image_scores(test, detector.threshold, test_root)
         picks = method_picks(test, rows, detector.threshold, method, data_dir, config.max_image_pixels)

@@ -18,6 +18,7 @@ import yaml
 from .errors import SettingError, SsimaeError
 from .files import atomic_write_text
 from .methods import METHODS
+from .scoring import IMAGE_SCORES
 
 METHOD_NAMES = tuple(METHODS)
 BACKENDS = ("torch", "onnxruntime")
@@ -27,6 +28,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "color": ("gray", "rgb"),
     "rotate": ("none", "90", "any"),
     "precision": ("auto", "fp32", "bf16"),
+    "threshold_rule": ("pixel-fpr", "min-area"),
+    "image_score": IMAGE_SCORES,
 }
 # The map smoothing of each method when map_smoothing is not set: PatchCore's paper smooths with
 # sigma 4; the blur floor is defined with sigma 2 (README); the autoencoders' maps are not smoothed.
@@ -39,7 +42,7 @@ INFERENCE_SETTINGS = ("stride", "infer_batch_size", "device", "precision", "max_
 # short CPU budgets (README, Results): an L2 warm-up against the flat-output state of SSIM training,
 # and a sigma-2 Gaussian on the maps.
 PRESETS: dict[str, dict] = {
-    "paper": {},
+    "paper": {"threshold_rule": "min-area", "image_score": "max"},
     "tuned": {"l2_warmup_steps": 100, "map_smoothing": 2.0},
 }
 
@@ -85,8 +88,12 @@ class Config:
     stride: int = 30  # sliding-window stride in pixels (MVTec used 30)
     infer_batch_size: int = 64  # patches per forward pass at inference
     map_smoothing: float | None = None  # std (pixels) of a Gaussian on the anomaly maps; empty = the method's (0 = off, as in the paper, for the autoencoders; 4 patchcore; 2 blur)
-    min_defect_area: int = 25  # MVTec rule: threshold so no validation blob is larger than this (pixels)
-    threshold_fpr: float | None = None  # instead: pixel false-positive rate on validation images
+    threshold_rule: str = "pixel-fpr"  # pixel-fpr | min-area: how the pixel threshold is chosen on validation images
+    threshold_fpr: float = 0.01  # pixel-fpr rule: share of validation pixels allowed above the threshold
+    min_defect_area: int = 25  # smallest defect in pixels: smaller mask regions are dropped; the min-area rule keeps validation blobs below it
+    image_score: str = "max"  # max | top-mean: how a map becomes one image score
+    image_score_fraction: float = 0.01  # top-mean: share of the map's pixels averaged
+    image_fpr: float = 0.05  # share of defect-free validation images allowed above the image threshold
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16: auto = bf16 autocast (+ channels_last) on CUDA, fp32 on CPU
 
@@ -123,8 +130,10 @@ class Config:
                 raise SettingError(name, f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise SettingError("val_fraction", f"val_fraction {self.val_fraction} must be in [0, 1)")
-        if self.threshold_fpr is not None and not 0 < self.threshold_fpr < 1:
-            raise SettingError("threshold_fpr", f"threshold_fpr {self.threshold_fpr} must be in (0, 1)")
+        for name in ("threshold_fpr", "image_fpr", "image_score_fraction"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise SettingError(name, f"{name} {value} must be in (0, 1)")
         if self.ssim_window % 2 == 0 or self.ssim_window < 3:
             raise SettingError("ssim_window", f"ssim_window {self.ssim_window} must be odd and >= 3")
         if self.ssim_window > self.patch_size // 2:

@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .checkpoint import Checkpoint, Thresholds
 from .config import BACKENDS, INFERENCE_SETTINGS, Config, config_from_dict
@@ -30,6 +31,9 @@ from .data import read_image, resize_image, resize_map, to_color
 from .devices import resolve_device, resolve_precision
 from .errors import SettingError, SsimaeError
 from .inference import PatchFn, sliding_window, smooth_map, torch_patch_fn
+from .scoring import image_score
+from .threshold import (EIGHT_CONNECTED, choose_threshold, drop_small_regions, images_needed, rate_threshold,
+                        validation_figures)
 from .losses import SsimSettings
 from .methods import METHODS
 
@@ -41,8 +45,15 @@ GridFn = Callable[[torch.Tensor], torch.Tensor]  # (1, C, H, W) image -> (1, 1, 
 
 class Prediction(NamedTuple):
     anomaly_map: np.ndarray  # (H, W) float32 at the original image size
-    mask: np.ndarray  # (H, W) bool, map > threshold
-    score: float  # image score: the maximum of the map
+    mask: np.ndarray  # (H, W) bool: map > pixel threshold, regions under min_defect_area dropped
+    score: float  # image score (config.image_score of the map)
+    defective: bool  # the verdict: score > image threshold (without one: the mask has a region)
+    regions: int  # connected regions of the mask
+
+    @property
+    def area(self) -> int:
+        """Defect area in pixels."""
+        return int(np.count_nonzero(self.mask))
 
 
 @dataclass(frozen=True)
@@ -70,17 +81,50 @@ class Detector:
         height, width = image.shape[:2]
         return resize_map(self.working_map(self.preprocess(image)), height, width)
 
-    def predict(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
-        threshold = self.threshold if threshold is None else threshold
-        if threshold is None:
+    @property
+    def image_threshold(self) -> float | None:
+        return self.thresholds.image if self.thresholds else None
+
+    def image_score(self, amap: np.ndarray) -> float:
+        return image_score(amap, self.config.image_score, self.config.image_score_fraction)
+
+    def decide(self, amap: np.ndarray, threshold: float | None = None) -> Prediction:
+        """The mask, score and verdict of an anomaly map. `threshold` replaces the pixel threshold
+        (the image verdict then follows the mask, as the image threshold belongs to the old one)."""
+        pixel = self.threshold if threshold is None else threshold
+        if pixel is None:
             raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
-        amap = self.anomaly_map(image)
-        return Prediction(amap, amap > threshold, float(amap.max()))
+        mask = drop_small_regions(amap > pixel, self.config.min_defect_area)
+        _, regions = ndimage.label(mask, structure=EIGHT_CONNECTED)
+        score = self.image_score(amap)
+        image = self.image_threshold if threshold is None else None
+        defective = score > image if image is not None else bool(regions)
+        return Prediction(amap, mask, score, defective, int(regions))
+
+    def predict(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
+        return self.decide(self.anomaly_map(image), threshold)
 
 
 def validation_maps(detector: Detector, paths: list[Path]) -> list[np.ndarray]:
     """Anomaly maps of defect-free validation images, through the same path as predict."""
     return [detector.anomaly_map(read_image(path, detector.config.max_image_pixels)) for path in paths]
+
+
+def choose_thresholds(maps: list[np.ndarray], config: Config) -> Thresholds:
+    """Pixel and image thresholds from the maps of defect-free validation images (threshold.py rules),
+    with what they achieve on those images. Warns when there are too few images for the image rule."""
+    pixel, pixel_rule = choose_threshold(maps, config.threshold_rule, config.threshold_fpr, config.min_defect_area)
+    scores = np.array([image_score(m, config.image_score, config.image_score_fraction) for m in maps])
+    image = rate_threshold(scores, config.image_fpr)
+    needed = images_needed(config.image_fpr)
+    if len(maps) < needed:
+        log.warning("%d validation image(s) cannot resolve an image false-alarm rate of %g: the image threshold is "
+                    "their highest score, and good images will be flagged more often; use at least %d validation "
+                    "images (more train/good images, a validation/good folder, or a larger --val-fraction)",
+                    len(maps), config.image_fpr, needed)
+    validation = validation_figures(maps, pixel, config.min_defect_area, scores, image)
+    return Thresholds(pixel, pixel_rule, image, f"image false-alarm rate {config.image_fpr:g} on "
+                      f"{len(maps)} validation images ({config.image_score} score)", validation)
 
 
 # --------------------------------------------------------------------------- building

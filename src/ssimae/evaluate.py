@@ -18,7 +18,7 @@ import numpy as np
 from .data import TestItem, find_test_items, load_mask, read_image
 from .errors import SsimaeError
 from .files import atomic_write_text, json_safe, output_folder
-from .metrics import evaluate_maps
+from .metrics import best_accuracy, evaluate_maps
 from .detector import Detector
 from .predict import warn_colour_mismatch, write_tiff
 
@@ -49,38 +49,61 @@ def compute_test_maps(detector: Detector, dataset: str | os.PathLike, progress: 
     return TestMaps(items, maps, masks)
 
 
-def metrics_of(test: TestMaps, threshold: float | None, fpr_limit: float = 0.3) -> dict:
-    """Overall and per-defect-type metrics, plus segmentation figures at the stored threshold."""
-    result = {**evaluate_maps(test.maps, test.masks, fpr_limit), **threshold_figures(test, threshold)}
+def metrics_of(test: TestMaps, detector: Detector, fpr_limit: float = 0.3, threshold: float | None = None) -> dict:
+    """Overall and per-defect-type metrics, and the decision figures at the detector's thresholds
+    (or at `threshold`, a pixel threshold that replaces them)."""
+    scores = [detector.image_score(m) for m in test.maps]
+    result = {**evaluate_maps(test.maps, test.masks, fpr_limit, scores), **decision_figures(test, detector, threshold)}
+    result["image_score"] = detector.config.image_score
     good = [i for i, item in enumerate(test.items) if item.defect_type == "good"]
     per_type = {}
     for defect in sorted({item.defect_type for item in test.items} - {"good"}):
         chosen = good + [i for i, item in enumerate(test.items) if item.defect_type == defect]
-        subset = TestMaps([test.items[i] for i in chosen], [test.maps[i] for i in chosen], [test.masks[i] for i in chosen])
-        per_type[defect] = {"images": len(chosen) - len(good), **evaluate_maps(subset.maps, subset.masks, fpr_limit)}
+        per_type[defect] = {"images": len(chosen) - len(good),
+                            **evaluate_maps([test.maps[i] for i in chosen], [test.masks[i] for i in chosen], fpr_limit,
+                                            [scores[i] for i in chosen])}
     result["per_defect_type"] = per_type
     result["images"] = len(test.items)
     result["good_images"] = len(good)
     return result
 
 
-def threshold_figures(test: TestMaps, threshold: float | None) -> dict:
-    """Pixel precision/recall/F1 and image accuracy when segmenting at the stored threshold."""
-    if threshold is None:
+def decision_figures(test: TestMaps, detector: Detector, threshold: float | None = None) -> dict:
+    """What the decisions a user acts on achieve: pixel precision/recall/F1 of the masks as predict
+    writes them, image accuracy/precision/recall of the verdicts, the best accuracy any image
+    threshold reaches, and the thresholds' figures on the validation images."""
+    pixel = detector.threshold if threshold is None else threshold
+    if pixel is None:
         return {"threshold": None}
     tp = fp = fn = 0
-    correct = 0
-    for amap, mask in zip(test.maps, test.masks):
-        predicted = amap > threshold
-        tp += int(np.count_nonzero(predicted & mask))
-        fp += int(np.count_nonzero(predicted & ~mask))
-        fn += int(np.count_nonzero(~predicted & mask))
-        correct += int(predicted.any() == mask.any())
+    verdicts, labels, scores = [], [], []
+    for amap, truth in zip(test.maps, test.masks):
+        prediction = detector.decide(amap, threshold)
+        tp += int(np.count_nonzero(prediction.mask & truth))
+        fp += int(np.count_nonzero(prediction.mask & ~truth))
+        fn += int(np.count_nonzero(~prediction.mask & truth))
+        verdicts.append(prediction.defective)
+        labels.append(bool(truth.any()))
+        scores.append(prediction.score)
+    verdicts, labels = np.array(verdicts), np.array(labels)
     precision = tp / (tp + fp) if tp + fp else math.nan
     recall = tp / (tp + fn) if tp + fn else math.nan
-    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-    return {"threshold": threshold, "pixel_precision": precision, "pixel_recall": recall, "pixel_f1": f1,
-            "image_accuracy": correct / len(test.maps)}
+    image_tp = int(np.count_nonzero(verdicts & labels))
+    best = best_accuracy(scores, labels)
+    thresholds = detector.thresholds
+    return {
+        "threshold": pixel,
+        "image_threshold": detector.image_threshold if threshold is None else None,
+        "pixel_precision": precision, "pixel_recall": recall,
+        "pixel_f1": 2 * precision * recall / (precision + recall) if tp else 0.0,
+        "image_accuracy": float(np.mean(verdicts == labels)),
+        "image_precision": image_tp / verdicts.sum() if verdicts.any() else math.nan,
+        "image_recall": image_tp / labels.sum() if labels.any() else math.nan,
+        "good_images_flagged": float(verdicts[~labels].mean()) if (~labels).any() else math.nan,
+        "image_accuracy_best": best["accuracy"], "image_precision_best": best["precision"],
+        "image_recall_best": best["recall"],
+        "validation": thresholds.validation if thresholds is not None and threshold is None else {},
+    }
 
 
 def format_table(metrics: dict) -> str:
@@ -95,9 +118,22 @@ def format_table(metrics: dict) -> str:
     for defect, m in metrics["per_defect_type"].items():
         lines.append(row(defect, m["images"], m))
     if metrics.get("threshold") is not None:
-        lines.append(f"at threshold {metrics['threshold']:.5f}: pixel F1 {metrics['pixel_f1']:.4f}, "
-                     f"image accuracy {metrics['image_accuracy']:.4f}")
+        m = metrics
+        lines.append(f"pixels at threshold {m['threshold']:.5g}: F1 {m['pixel_f1']:.4f} (F1-max {m['pixel_f1_max']:.4f}), "
+                     f"precision {_text(m['pixel_precision'])}, recall {_text(m['pixel_recall'])}")
+        lines.append(f"images ({m['image_score']} score): accuracy {m['image_accuracy']:.4f} "
+                     f"(best reachable {m['image_accuracy_best']:.4f}), precision {_text(m['image_precision'])}, "
+                     f"recall {_text(m['image_recall'])}; good images flagged {_text(m['good_images_flagged'])}")
+        validation = m.get("validation") or {}
+        if validation:
+            lines.append(f"on {validation['images']} validation images: pixel FPR {validation['pixel_fpr']:.4f}, "
+                         f"images with a false region {validation['images_with_false_region']:.2f}, "
+                         f"image false alarms {validation['image_fpr']:.2f}")
     return "\n".join(lines)
+
+
+def _text(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
 def write_metrics(metrics: dict, output_dir: str | os.PathLike) -> Path:
@@ -115,6 +151,6 @@ def evaluate(detector: Detector, dataset: str | os.PathLike, output_dir: str | o
     output_dir = output_folder(output_dir)
     maps_dir = output_dir / "maps" if save_maps else None
     test = compute_test_maps(detector, dataset, progress, maps_dir)
-    metrics = metrics_of(test, detector.threshold if threshold is None else threshold)
+    metrics = metrics_of(test, detector, threshold=threshold)
     write_metrics(metrics, output_dir)
     return metrics

@@ -13,6 +13,7 @@ the pixels (and defect pixels) scoring >= it, in exact integer arithmetic.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = [
     "f1_max",
     "trapezoid_area",
     "evaluate_maps",
+    "best_accuracy",
 ]
 
 # 8-connectivity for ground-truth regions, as the official label(gt, np.ones((3, 3))).
@@ -328,19 +330,39 @@ def trapezoid_area(x, y, x_max: float | None) -> float:
     return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)
 
 
-def evaluate_maps(maps, masks, fpr_limit: float = 0.3) -> dict:
+def best_accuracy(scores, labels) -> dict:
+    """The best image accuracy any threshold on `scores` reaches (score > t = defective), with the
+    precision and recall there: {"accuracy", "threshold", "precision", "recall"}."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    tp = np.concatenate(([0], np.cumsum(y)))  # flagging the k highest scores, k = 0..n
+    fp = np.concatenate(([0], np.cumsum(~y)))
+    cut = np.concatenate(([True], s[1:] != s[:-1], [True]))  # only between distinct scores
+    accuracy = np.where(cut, (tp + (~y).sum() - fp) / len(s), -1.0)
+    k = int(np.argmax(accuracy))
+    threshold = float(s[k]) if k < len(s) else -math.inf  # score > threshold flags exactly the k highest
+    precision = tp[k] / k if k else math.nan
+    recall = tp[k] / y.sum() if y.any() else math.nan
+    return {"accuracy": float(accuracy[k]), "threshold": threshold, "precision": precision, "recall": recall}
+
+
+def evaluate_maps(maps, masks, fpr_limit: float = 0.3, scores=None) -> dict:
     """All metrics at once, sorting the pixels only once.
 
-    Returns {"pixel_auroc", "au_pro", "image_auroc", "pixel_f1_max"}; image labels are
-    mask.any() and image scores the map maxima. A metric whose classes (or regions) are
-    missing is NaN.
+    Returns {"pixel_auroc", "au_pro", "image_auroc", "image_auroc_max", "pixel_f1_max"}; image
+    labels are mask.any(); image_auroc ranks `scores` (default: the map maxima, MVTec's protocol),
+    image_auroc_max always the map maxima. A metric whose classes (or regions) are missing is NaN.
     """
     _check_fpr_limit(fpr_limit)
     pixels = _Pixels(maps, masks)
     labels = np.array([np.asarray(g).astype(bool, copy=False).any() for g in masks])
+    maxima = image_scores(maps)
     return {
         "pixel_auroc": pixels.auroc(),
         "au_pro": pixels.au_pro(fpr_limit),
-        "image_auroc": image_auroc(image_scores(maps), labels),
+        "image_auroc": image_auroc(maxima if scores is None else np.asarray(scores, dtype=np.float64), labels),
+        "image_auroc_max": image_auroc(maxima, labels),
         "pixel_f1_max": pixels.f1_max()[0],
     }

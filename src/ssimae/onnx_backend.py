@@ -8,7 +8,6 @@ It takes an exported .onnx file (settings from its metadata, checked before use)
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -16,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, Thresholds
+from .checkpoint import Checkpoint, Thresholds, threshold_fields
 from .config import Config, config_from_dict, known_settings
 from .detector import Detector, apply_overrides, check_stride, grid_map_fn, reconstruction_map_fn
 from .errors import SsimaeError
@@ -78,12 +77,9 @@ def settings_from_metadata(metadata: dict[str, str], source: str) -> tuple[Confi
             raise ValueError(f"channels {channels} is not 1 or 3")
         thresholds = None
         if metadata.get("thresholds"):
-            fields = json.loads(metadata["thresholds"])
-            thresholds = Thresholds(**{k: fields[k] for k in ("pixel", "pixel_rule")})
+            thresholds = Thresholds(**threshold_fields(json.loads(metadata["thresholds"])))
         elif metadata.get("threshold"):  # exports of ssimae 0.1.0
             thresholds = Thresholds(float(metadata["threshold"]), metadata.get("threshold_rule", ""))
-        if thresholds is not None and not (isinstance(thresholds.pixel, (int, float)) and math.isfinite(thresholds.pixel)):
-            raise ValueError(f"threshold {thresholds.pixel!r} is not a finite number")
     except KeyError as error:
         raise SsimaeError(f"ONNX model {source} lacks the metadata entry {error}; {fix}") from None
     except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError

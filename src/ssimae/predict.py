@@ -3,10 +3,11 @@
 Output layout for `predict_folder(..., output_dir)`, REL = the image path relative to the input
 folder without its extension (with it, e.g. `a.png`, when two inputs would share a name):
     maps/REL.tiff      float32 anomaly map at the original image size (MVTec evaluation layout)
-    masks/REL.png      0/255 segmentation (map > threshold)
-    overlays/REL.png   the image with a heat map and the mask contour
-    scores.csv         path, score (max of the map), defective (yes/no); one row per image, written
-                       as each image is done, so an interrupted run keeps what it finished
+    masks/REL.png      0/255 segmentation: map > pixel threshold, regions under min_defect_area dropped
+    overlays/REL.png   input | heat map | mask contour, side by side, with the verdict and score
+    scores.csv         path, score (1.0 = the threshold), raw_score, image_threshold, pixel_threshold,
+                       defective (yes/no), regions, defect_area_px, defect_area_percent; one row per
+                       image, written as each image is done, so an interrupted run keeps what it finished
     errors.csv         path, reason: images that could not be read (only when there were some)
 """
 
@@ -22,13 +23,12 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
-from scipy import ndimage
 
 from .data import IMAGE_EXTENSIONS, list_images, read_image, to_color
 from .detector import Detector, Prediction
 from .errors import SsimaeError
+from .overlay import verdict_overlay
 from .files import atomic_path, atomic_write_text, output_folder, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -75,35 +75,6 @@ def warn_colour_mismatch(image: np.ndarray, detector: Detector, path: Path, warn
                     detector.config.color, native, detector.config.color)
 
 
-OVERLAY_ROWS = 256  # rows per overlay strip: float temporaries stay ~100 MB even for 8192-px-wide images
-
-
-def overlay_image(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, threshold: float | None) -> np.ndarray:
-    """(H, W, 3) uint8: the image, a jet heat map blended by anomaly score, the mask contour in red.
-
-    The heat map is scaled to [0, 2 * threshold] so colours mean the same thing on every image.
-    Computed in strips of OVERLAY_ROWS rows (pixel-for-pixel the same as in one piece), so an
-    8192x8192 image does not need a whole-image float colour map.
-    """
-    top = 2 * threshold if threshold else float(amap.max()) or 1.0
-    thick = min(mask.shape) >= 256
-    height = mask.shape[0]
-    halo = 2  # the contour (erosion, then dilation) of a row depends on 2 rows either side
-    out = np.empty(mask.shape + (3,), dtype=np.uint8)  # (H, W, 3)
-    for start in range(0, height, OVERLAY_ROWS):
-        stop = min(start + OVERLAY_ROWS, height)
-        low, high = max(0, start - halo), min(height, stop + halo)
-        part = mask[low:high]
-        contour = part & ~ndimage.binary_erosion(part, iterations=1, border_value=0)
-        contour = ndimage.binary_dilation(contour, iterations=1) if thick else contour
-        rgb = to_color(image[start:stop], "rgb")
-        heat = colormaps["jet"](np.clip(amap[start:stop] / top, 0, 1))[:, :, :3].astype(np.float32)  # (h, W, 3)
-        blended = 0.6 * rgb + 0.4 * heat
-        blended[contour[start - low : stop - low]] = (1.0, 0.0, 0.0)
-        out[start:stop] = (np.clip(blended, 0, 1) * 255).round().astype(np.uint8)
-    return out
-
-
 def write_tiff(path: Path, amap: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(amap, dtype=np.float32), mode="F").save(tmp, format="TIFF")  # no extra copy
@@ -114,11 +85,29 @@ def write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def write_outputs(output_dir: Path, name: Path, image: np.ndarray, result: Prediction, threshold: float) -> None:
+def score_row(path: str, result: Prediction, pixel_threshold: float, image_threshold: float | None) -> dict:
+    """One scores.csv row. `score` is normalised so that 1.0 is the threshold the verdict used: the
+    image threshold, or the pixel threshold when there is none (a --threshold override)."""
+    reference = image_threshold if image_threshold is not None else pixel_threshold
+    return {"path": path, "score": result.score / reference if reference > 0 else float("inf"),
+            "raw_score": result.score, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
+            "defective": "yes" if result.defective else "no", "regions": result.regions,
+            "defect_area_px": result.area, "defect_area_percent": 100.0 * result.area / result.mask.size}
+
+
+def caption(row: dict) -> str:
+    verdict = "DEFECTIVE" if row["defective"] == "yes" else "good"
+    return (f"{verdict}   score {row['score']:.2f} (1.00 = threshold)   {row['regions']} region(s), "
+            f"{row['defect_area_percent']:.2f}% of the image")
+
+
+def write_outputs(output_dir: Path, name: Path, image: np.ndarray, result: Prediction, row: dict) -> None:
     """maps/NAME.tiff, masks/NAME.png and overlays/NAME.png of one image."""
     write_tiff(output_dir / "maps" / f"{name}.tiff", result.anomaly_map)
     write_png(output_dir / "masks" / f"{name}.png", result.mask.astype(np.uint8) * 255)
-    write_png(output_dir / "overlays" / f"{name}.png", overlay_image(image, result.anomaly_map, result.mask, threshold))
+    write_png(output_dir / "overlays" / f"{name}.png",
+              verdict_overlay(image, result.anomaly_map, result.mask, row["pixel_threshold"], caption(row),
+                              result.defective))
 
 
 class ScoresFile:
@@ -126,7 +115,8 @@ class ScoresFile:
     row (or by finish(), header only, when no image could be done), so a run that fails before any
     image leaves no scores.csv."""
 
-    FIELDS = ("path", "score", "defective")
+    FIELDS = ("path", "score", "raw_score", "image_threshold", "pixel_threshold", "defective", "regions",
+              "defect_area_px", "defect_area_percent")
 
     def __init__(self, path: Path):
         self.path, self.handle, self.writer = path, None, None
@@ -140,7 +130,7 @@ class ScoresFile:
     def add(self, row: dict) -> None:
         if self.handle is None:
             self._open()
-        self.writer.writerow([row["path"], f"{row['score']:.6f}", row["defective"]])
+        self.writer.writerow([_csv_value(row[field]) for field in self.FIELDS])
         self.handle.flush()
 
     def finish(self) -> None:
@@ -191,9 +181,11 @@ def predict_folder(
     Images over OVERLAP_MAX_PIXELS are done one at a time, so memory stays that of one image.
     """
     paths, base = input_images(source, skip=Path(output_dir))
-    threshold = detector.threshold if threshold is None else threshold
+    override = threshold
+    threshold = detector.threshold if override is None else override
     if threshold is None:
         raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
+    image_threshold = detector.image_threshold if override is None else None
     output_dir = output_folder(output_dir)
     names = output_names(paths, base)
     remove_stale_temps(output_dir, recursive=True)  # left by a run killed mid-write
@@ -225,12 +217,11 @@ def predict_folder(
                         errors.append((str(path.relative_to(base)), reason))
                     else:
                         warn_colour_mismatch(image, detector, path, warned)
-                        result = detector.predict(image, threshold)
+                        result = detector.predict(image, override)
                         while len(writing) >= (WRITERS if small else 1):  # bounded memory
                             finish_oldest()
-                        row = {"path": str(path.relative_to(base)), "score": result.score,
-                               "defective": "yes" if result.mask.any() else "no"}
-                        writing.append((writer.submit(write_outputs, output_dir, names[path], image, result, threshold),
+                        row = score_row(str(path.relative_to(base)), result, threshold, image_threshold)
+                        writing.append((writer.submit(write_outputs, output_dir, names[path], image, result, row),
                                         row))
                         del image, result
                         if not small:  # a large image: finish its files before reading the next one
@@ -256,6 +247,12 @@ def predict_folder(
     else:
         errors_path.unlink(missing_ok=True)
     return PredictResult(rows, errors)
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _csv_line(values) -> str:

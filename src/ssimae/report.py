@@ -35,6 +35,15 @@ HEADLINE = (  # metrics key, column title
     ("image_auroc", "image AUROC"),
     ("pixel_f1_max", "F1-max (pixel)"),
 )
+DECISIONS = (  # metrics key, column title: what the thresholds chosen on validation images achieve
+    ("pixel_f1", "pixel F1 at threshold"),
+    ("pixel_f1_max", "pixel F1-max"),
+    ("image_accuracy", "image accuracy"),
+    ("image_accuracy_best", "best reachable"),
+    ("image_precision", "image precision"),
+    ("image_recall", "image recall"),
+    ("good_images_flagged", "good images flagged"),
+)
 
 
 # --------------------------------------------------------------------------- loading
@@ -73,7 +82,7 @@ def load_arrays(run_dir: Path, relative: str) -> dict[str, np.ndarray]:
 
 
 def _number(value, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def _duration(seconds: float | None) -> str:
@@ -93,6 +102,14 @@ def metrics_markdown(results: dict) -> str:
         values = [_number(entry["metrics"].get(key)) for key, _ in HEADLINE]
         lines.append(f"| {method} | " + " | ".join(values) +
                      f" | {_duration(entry['training']['seconds'])} | {entry['training']['steps']} |")
+    lines += ["", "## Decisions at the thresholds chosen on defect-free validation images", "",
+              "| method | " + " | ".join(title for _, title in DECISIONS) + " | validation pixel FPR |",
+              "|---" * (len(DECISIONS) + 2) + "|"]
+    for method in results["methods"]:
+        metrics = results["results"][method]["metrics"]
+        validation = metrics.get("validation") or {}
+        lines.append(f"| {method} | " + " | ".join(_number(metrics.get(key)) for key, _ in DECISIONS) +
+                     f" | {_number(validation.get('pixel_fpr'))} |")
     lines += ["", "## Per defect type (each with all good test images)", "",
               "| defect type | images | method | " + " | ".join(titles) + " |", "|---" * (len(titles) + 3) + "|"]
     for defect in _defect_types(results):
@@ -107,19 +124,23 @@ def metrics_csv(results: dict) -> str:
     """One row per method and subset ('all' or a defect type)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "subset", "images", *(key for key, _ in HEADLINE), "training_seconds", "steps"])
+    decisions = [key for key, _ in DECISIONS if key != "pixel_f1_max"]
+    writer.writerow(["method", "subset", "images", *(key for key, _ in HEADLINE), *decisions, "training_seconds",
+                     "steps"])
     for method in results["methods"]:
         entry = results["results"][method]
         metrics = entry["metrics"]
         writer.writerow([method, "all", metrics["images"], *(_csv_value(metrics.get(k)) for k, _ in HEADLINE),
-                         f"{entry['training']['seconds']:.1f}", entry["training"]["steps"]])
+                         *(_csv_value(metrics.get(k)) for k in decisions), f"{entry['training']['seconds']:.1f}",
+                         entry["training"]["steps"]])
         for defect, values in metrics["per_defect_type"].items():
-            writer.writerow([method, defect, values["images"], *(_csv_value(values.get(k)) for k, _ in HEADLINE), "", ""])
+            writer.writerow([method, defect, values["images"], *(_csv_value(values.get(k)) for k, _ in HEADLINE),
+                             *([""] * len(decisions)), "", ""])
     return buffer.getvalue()
 
 
 def _csv_value(value) -> str:
-    return "" if value is None else f"{value:.6f}"
+    return "" if value is None or (isinstance(value, float) and value != value) else f"{value:.6f}"
 
 
 def _defect_types(results: dict) -> list[str]:
@@ -287,6 +308,21 @@ def _summary_table(results: dict) -> str:
             f"<th>threshold</th></tr>{''.join(rows)}</table>")
 
 
+def _decision_table(results: dict) -> str:
+    """What each method's thresholds, chosen on defect-free validation images, achieve on the test images."""
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in DECISIONS)
+    rows = []
+    for method in results["methods"]:
+        metrics = results["results"][method]["metrics"]
+        validation = metrics.get("validation") or {}
+        cells = "".join(f"<td>{_number(metrics.get(key), 3)}</td>" for key, _ in DECISIONS)
+        rows.append(f"<tr><td>{html.escape(method)}</td>{cells}<td>{_number(validation.get('pixel_fpr'))}</td>"
+                    f"<td>{_number(validation.get('images_with_false_region'), 2)}</td>"
+                    f"<td>{_number(validation.get('image_fpr'), 2)}</td></tr>")
+    return (f"<table><tr><th>method</th>{head}<th>validation pixel FPR</th><th>validation images with a false "
+            f"region</th><th>validation image false alarms</th></tr>{''.join(rows)}</table>")
+
+
 def _fidelity_class(value: float | None) -> str:
     """Flag a reconstruction fidelity so low that the model likely outputs one image for every input."""
     return ' class="warn"' if value is not None and value < LOW_FIDELITY else ""
@@ -353,10 +389,17 @@ def html_page(results: dict, run_dir: Path, figures: dict[str, bytes]) -> str:
         "<h2>Results</h2>", _summary_table(results),
         '<p class="note">Pixel ROC AUC, AU-PRO (area under the per-region-overlap curve up to FPR '
         f"{results['fpr_limit']}, divided by {results['fpr_limit']}) and F1-max pool all pixels of all test images; "
-        "image AUROC scores each image by the maximum of its map. Recon. fidelity: pixel correlation of validation "
+        "image AUROC ranks the images by each method's image score (MVTec's protocol, the map maximum, is in "
+        "metrics.json as image_auroc_max). Recon. fidelity: pixel correlation of validation "
         "patches with their reconstructions at the end of training; near 0 means the model outputs the same image for "
         f"every input, and its scores then reflect intensity alone (shown in red below {LOW_FIDELITY}). "
         "Threshold: chosen on defect-free validation images (used for segmentations and IoU only).</p>",
+        "<h2>Decisions</h2>", _decision_table(results),
+        '<p class="note">Each method\'s pixel and image thresholds were chosen on its defect-free validation '
+        "images only. Pixel F1 is that of the masks `ssimae predict` writes (regions smaller than the minimum "
+        "defect area dropped), beside the best F1 any single threshold reaches on the test pixels; image accuracy, "
+        "precision and recall are those of its verdicts, beside the best accuracy any image threshold reaches. "
+        "The last columns: what the thresholds give on the validation images themselves.</p>",
         "<h2>Curves</h2>", _img(figures["roc.png"], "figure", "pixel ROC curves"),
         _img(figures["pro.png"], "figure", "PRO curves"),
         "<h2>Per defect type</h2>", '<p class="note">Each row uses the images of that defect type together with all '

@@ -1,9 +1,17 @@
-"""Segmentation thresholds chosen on anomaly maps of defect-free validation images.
+"""Decision thresholds chosen on anomaly maps of defect-free validation images.
 
-A pixel is defective when its anomaly score is strictly greater than the threshold.
+A pixel is defective when its anomaly score is strictly greater than the pixel threshold; an image
+is defective when its image score is strictly greater than the image threshold. Rules:
+    pixel-fpr   the smallest threshold at which at most a fraction `fpr` of validation pixels is above
+    min-area    MVTec AD's rule: the smallest threshold at which no connected region of any
+                validation map is larger than `min_defect_area` pixels
+    image       the smallest image threshold at which at most a fraction `rate` of validation images
+                scores above it (the false-alarm rate on defect-free images)
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from scipy import ndimage
@@ -21,8 +29,24 @@ def largest_component(mask: np.ndarray) -> int:
     return int(np.bincount(labels.ravel())[1:].max())
 
 
+def drop_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """The mask without its 8-connected regions of fewer than `min_area` pixels."""
+    if min_area <= 1 or not mask.any():
+        return mask
+    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    sizes = np.bincount(labels.ravel())  # (count + 1,); sizes[0] is the background
+    keep = sizes >= min_area
+    keep[0] = False
+    return keep[labels]
+
+
 def _max_component(maps: list[np.ndarray], threshold: float) -> int:
     return max(largest_component(m > threshold) for m in maps)
+
+
+def _check_maps(maps: list[np.ndarray]) -> None:
+    if not maps:
+        raise SsimaeError("no validation maps to choose a threshold on; add defect-free validation images")
 
 
 def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
@@ -32,8 +56,7 @@ def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
     The largest component only shrinks as the threshold rises, so a binary search over the
     distinct map values finds the exact smallest such value.
     """
-    if not maps:
-        raise SsimaeError("no validation maps to choose a threshold on; add defect-free validation images")
+    _check_maps(maps)
     if min_defect_area < 0:
         raise SsimaeError(f"min_defect_area {min_defect_area} must be >= 0")
     candidates = np.unique(np.concatenate([m.ravel() for m in maps]))  # ascending
@@ -47,22 +70,50 @@ def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
     return float(candidates[high])
 
 
+def rate_threshold(values: np.ndarray, rate: float) -> float:
+    """The smallest value t of `values` at which at most a fraction `rate` of them is > t."""
+    if not 0 < rate < 1:
+        raise SsimaeError(f"false-positive rate {rate} must be in (0, 1)")
+    values = np.sort(np.asarray(values).ravel())
+    if values.size == 0:
+        raise SsimaeError("no validation values to choose a threshold on; add defect-free validation images")
+    # At most `allowed` values may lie above t. Counting from the rate directly: ceil((1 - rate) * n)
+    # rounded up on values like 1 - 0.7 = 0.30000000000000004 and gave a threshold one step too high.
+    allowed = int(np.floor(rate * values.size + 1e-9))
+    return float(values[max(values.size - 1 - allowed, 0)])
+
+
 def fpr_threshold(maps: list[np.ndarray], fpr: float) -> float:
     """The smallest map value t at which at most a fraction `fpr` of validation pixels is > t."""
-    if not maps:
-        raise SsimaeError("no validation maps to choose a threshold on; add defect-free validation images")
-    if not 0 < fpr < 1:
-        raise SsimaeError(f"false-positive rate {fpr} must be in (0, 1)")
-    values = np.sort(np.concatenate([m.ravel() for m in maps]))
-    # At most `allowed` pixels may lie above t. Counting from fpr directly: ceil((1 - fpr) * n)
-    # rounded up on values like 1 - 0.7 = 0.30000000000000004 and gave a threshold one step too high.
-    allowed = int(np.floor(fpr * len(values) + 1e-9))
-    index = len(values) - 1 - allowed
-    return float(values[max(index, 0)])
+    _check_maps(maps)
+    return rate_threshold(np.concatenate([m.ravel() for m in maps]), fpr)
 
 
-def choose_threshold(maps: list[np.ndarray], min_defect_area: int, threshold_fpr: float | None) -> tuple[float, str]:
-    """(threshold, rule description) by the configured rule."""
-    if threshold_fpr is not None:
-        return fpr_threshold(maps, threshold_fpr), f"pixel FPR {threshold_fpr} on validation images"
-    return min_area_threshold(maps, min_defect_area), f"min defect area {min_defect_area} px on validation images"
+def choose_threshold(maps: list[np.ndarray], rule: str, fpr: float, min_defect_area: int) -> tuple[float, str]:
+    """(pixel threshold, the rule in words) by the configured rule ('pixel-fpr' or 'min-area')."""
+    if rule == "pixel-fpr":
+        return fpr_threshold(maps, fpr), f"pixel FPR {fpr:g} on validation images"
+    if rule == "min-area":
+        return min_area_threshold(maps, min_defect_area), f"min defect area {min_defect_area} px on validation images"
+    raise SsimaeError(f"threshold rule {rule!r} is not pixel-fpr or min-area")
+
+
+def images_needed(rate: float) -> int:
+    """Defect-free validation images needed before a false-alarm rate `rate` can be resolved at all:
+    with fewer than 1 / rate images, no image may score above the threshold, so the threshold is the
+    validation maximum and the rate on new images is about 1 / (n + 1), above the target."""
+    return math.ceil(1 / rate - 1e-9)
+
+
+def validation_figures(maps: list[np.ndarray], pixel_threshold: float, min_area: int, scores: np.ndarray,
+                       image_threshold: float) -> dict:
+    """What the thresholds achieve on the validation images themselves."""
+    pixels = sum(m.size for m in maps)
+    above = sum(int(np.count_nonzero(m > pixel_threshold)) for m in maps)
+    flagged = [drop_small_regions(m > pixel_threshold, min_area).any() for m in maps]
+    return {
+        "images": len(maps),
+        "pixel_fpr": above / pixels,
+        "images_with_false_region": float(np.mean(flagged)),
+        "image_fpr": float(np.mean(np.asarray(scores) > image_threshold)),
+    }

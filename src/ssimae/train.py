@@ -23,16 +23,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, Thresholds, TrainingState, build_network
+from .checkpoint import Checkpoint, TrainingState, build_network
 from .config import Config, save_config
 from .data import find_training_images, load_image, pad_to_min_size, sample_patches
-from .detector import torch_detector, validation_maps
+from .detector import choose_thresholds, torch_detector, validation_maps
 from .devices import resolve_device, resolve_precision
 from .errors import SsimaeError
 from .files import output_folder, remove_stale_temps
 from .losses import LossFn, l2_loss, make_loss, reconstruction
 from .models import VaeOutput
-from .threshold import choose_threshold
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +250,16 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
         log.warning("no validation images: the threshold is chosen on training images")
     log.info("choosing the threshold on %d validation image(s)", len(validation))
     maps = validation_maps(torch_detector(checkpoint, device), validation)
-    threshold, rule = choose_threshold(maps, config.min_defect_area, config.threshold_fpr)
-    log.info("threshold %.5f (%s)", threshold, rule)
-    checkpoint.thresholds = Thresholds(threshold, rule)
+    thresholds = choose_thresholds(maps, config)
+    figures = thresholds.validation
+    log.info("pixel threshold %.5f (%s): %.4f of validation pixels above it, %.0f%% of validation images with a "
+             "region of %d+ px", thresholds.pixel, thresholds.pixel_rule, figures["pixel_fpr"],
+             100 * figures["images_with_false_region"], config.min_defect_area)
+    log.info("image threshold %.5f (%s)", thresholds.image, thresholds.image_rule)
+    checkpoint.thresholds = thresholds
     checkpoint.training.complete = True
     checkpoint.save(checkpoint_path)
-    return TrainResult(checkpoint_path, threshold, checkpoint.training.step, checkpoint.training.seconds,
+    return TrainResult(checkpoint_path, thresholds.pixel, checkpoint.training.step, checkpoint.training.seconds,
                        checkpoint.history)
 
 
