@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .config import BACKENDS, CHOICES, INFERENCE_SETTINGS, PRESETS, Config, config_from_dict, load_config, \
     preset_config, setting_type
 from .errors import SettingError, SsimaeError
@@ -196,24 +196,32 @@ def cmd_train(args) -> int:
     from .train import fit
 
     config = resolve_config(args)
+    rank = distributed.setup(config.device)
     result = fit(config, args.dataset, args.output, resume=args.resume, progress=not args.quiet)
-    print(f"trained {config.method} for {result.steps} steps ({result.seconds / 60:.1f} min); "
-          f"threshold {result.threshold:.5f}")
-    print(f"checkpoint: {result.checkpoint}")
+    if rank.main:
+        print(f"trained {config.method} for {result.steps} steps ({result.seconds / 60:.1f} min); "
+              f"threshold {result.threshold:.5f}")
+        print(f"checkpoint: {result.checkpoint}")
     return 0
 
 
-def _detector(args):
+def _detector(args, rank: distributed.Rank = distributed.Rank()):
     from .detector import load_detector
 
-    return load_detector(args.checkpoint, args.backend, inference_overrides(args), args.threshold)
+    overrides = inference_overrides(args)
+    overrides["device"] = distributed.device_for(rank, overrides.get("device", "auto"))
+    return load_detector(args.checkpoint, args.backend, overrides, args.threshold)
 
 
 def cmd_predict(args) -> int:
     from .predict import predict_folder
 
-    result = predict_folder(_detector(args), args.input, args.output, args.threshold, _progress(args, "predict"),
-                            strict=args.strict)
+    rank = distributed.setup(getattr(args, "device", None) or "auto")
+    progress = _progress(args, "predict") if rank.main else None
+    result = predict_folder(_detector(args, rank), args.input, args.output, args.threshold, progress,
+                            strict=args.strict, rank=rank)
+    if not rank.main:
+        return 0
     defective = sum(r["defective"] == "yes" for r in result.rows)
     print(f"{len(result.rows)} image(s), {defective} defective; maps, masks, overlays and scores.csv in {args.output}")
     if result.errors:
@@ -268,6 +276,7 @@ def cmd_export(args) -> int:
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "compare": cmd_compare,
             "report": cmd_report, "export": cmd_export}
+DISTRIBUTED_COMMANDS = ("train", "predict")  # the commands that run under torchrun
 
 
 def _setting_message(error: SettingError, args: argparse.Namespace) -> str:
@@ -298,7 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    rank = distributed.launched()
+    if rank.rank:  # only the main process reports progress; the others say only what goes wrong
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter(f"%(levelname)s (rank {rank.rank}): %(message)s"))
     try:
+        if rank.distributed and args.command not in DISTRIBUTED_COMMANDS:
+            raise SsimaeError(f"`ssimae {args.command}` runs in one process; start it without torchrun "
+                              f"(torchrun runs {' and '.join(DISTRIBUTED_COMMANDS)})")
         return COMMANDS[args.command](args)
     except SettingError as error:
         print(f"ssimae: error: {_setting_message(error, args)}", file=sys.stderr)
@@ -314,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ssimae: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not distributed.lost_contact(error):
+            raise  # a bug: the traceback is what a report needs
+        print(f"ssimae: error: rank {rank.rank}: lost contact with the other processes ({str(error).splitlines()[0]}); "
+              "see the first failing rank's message", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, list_images, read_image, to_color
 from .detector import Detector, Prediction
+from .distributed import Rank, barrier, gather, shard
 from .errors import SsimaeError
 from .overlay import verdict_overlay
 from .files import atomic_path, atomic_write_text, output_folder, remove_stale_temps
@@ -172,13 +173,13 @@ def predict_folder(
     progress: Callable | None = None,
     overlap: bool = True,
     strict: bool = False,
+    rank: Rank = Rank(),
 ) -> PredictResult:
     """Predict every readable image under `source`; write maps, masks, overlays, scores.csv and, if
     some images could not be read, errors.csv. With `strict`, the first unreadable image is an error.
 
-    With overlap, a thread reads the next image and WRITERS threads write the previous images'
-    outputs while the current one is computed (the same files; bench/speed.py measures the gain).
-    Images over OVERLAP_MAX_PIXELS are done one at a time, so memory stays that of one image.
+    Under torchrun each process takes every world-th image and writes its rows to scores.rank<R>.csv;
+    the main process merges them into scores.csv in input order (the same file one process writes).
     """
     paths, base = input_images(source, skip=Path(output_dir))
     override = threshold
@@ -187,66 +188,111 @@ def predict_folder(
         raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
     image_threshold = detector.image_threshold if override is None else None
     output_dir = output_folder(output_dir)
-    names = output_names(paths, base)
-    remove_stale_temps(output_dir, recursive=True)  # left by a run killed mid-write
-    limit = detector.config.max_image_pixels
-    rows, errors, warned = [], [], set()
-    scores = ScoresFile(output_dir / "scores.csv")
+    names = output_names(paths, base)  # from every input: collisions across processes count too
+    if rank.main:
+        remove_stale_temps(output_dir, recursive=True)  # left by a run killed mid-write
+    barrier()
+    scores = ScoresFile(output_dir / ("scores.csv" if not rank.distributed else f"scores.rank{rank.rank}.csv"))
+
+    def outputs(path: Path, image: np.ndarray) -> tuple[dict, Callable[[], None]]:
+        """The score row of one image and the job that writes its files."""
+        result = detector.predict(image, override)
+        row = score_row(str(path.relative_to(base)), result, threshold, image_threshold)
+        return row, lambda: write_outputs(output_dir, names[path], image, result, row)
+
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="ssimae-read") as reader, \
-                ThreadPoolExecutor(WRITERS, thread_name_prefix="ssimae-write") as writer:
-            next_read, writing = reader.submit(_read, paths[0], limit), collections.deque()
-
-            def finish_oldest() -> None:
-                future, row = writing.popleft()
-                future.result()  # re-raises write errors in order
-                scores.add(row)
-                rows.append(row)
-
-            try:
-                for index, path in enumerate(progress(paths) if progress else paths):
-                    image, reason = next_read.result()
-                    next_read = None
-                    small = image is not None and overlap and image.shape[0] * image.shape[1] <= OVERLAP_MAX_PIXELS
-                    if (small or image is None) and index + 1 < len(paths):
-                        next_read = reader.submit(_read, paths[index + 1], limit)
-                    if image is None:
-                        if strict:
-                            raise SsimaeError(f"{reason} (--strict stops at the first bad file)")
-                        log.warning("skipped: %s", reason)
-                        errors.append((str(path.relative_to(base)), reason))
-                    else:
-                        warn_colour_mismatch(image, detector, path, warned)
-                        result = detector.predict(image, override)
-                        while len(writing) >= (WRITERS if small else 1):  # bounded memory
-                            finish_oldest()
-                        row = score_row(str(path.relative_to(base)), result, threshold, image_threshold)
-                        writing.append((writer.submit(write_outputs, output_dir, names[path], image, result, row),
-                                        row))
-                        del image, result
-                        if not small:  # a large image: finish its files before reading the next one
-                            finish_oldest()
-                    if next_read is None and index + 1 < len(paths):
-                        next_read = reader.submit(_read, paths[index + 1], limit)
-            except BaseException:  # keep the images already computed: finish their files and rows
-                while writing:
-                    try:
-                        finish_oldest()
-                    except Exception:
-                        writing.clear()
-                raise
-            while writing:
-                finish_oldest()
+        rows, errors = _run(shard(paths, rank), base, detector, outputs, scores, progress, overlap, strict)
         scores.finish()
     finally:
         scores.close()
-    errors_path = output_dir / "errors.csv"
-    if errors:
-        lines = [["path", "reason"], *errors]
-        atomic_write_text(errors_path, "".join(_csv_line(line) for line in lines))
-    else:
-        errors_path.unlink(missing_ok=True)
+    if rank.distributed:
+        rows, errors = _merge(output_dir, paths, base, rank, rows, errors)
+    if rank.main:
+        errors_path = output_dir / "errors.csv"
+        if errors:
+            atomic_write_text(errors_path, "".join(_csv_line(line) for line in [["path", "reason"], *errors]))
+        else:
+            errors_path.unlink(missing_ok=True)
     return PredictResult(rows, errors)
+
+
+def _run(paths: list[Path], base: Path, detector: Detector, outputs, scores: ScoresFile, progress, overlap: bool,
+         strict: bool) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The loop over images: a reader thread reads the next image and WRITERS threads write the
+    previous images' files while the current one is computed (bench/speed.py measures the gain).
+    Images over OVERLAP_MAX_PIXELS are done one at a time, so memory stays that of one image."""
+    rows, errors, warned = [], [], set()
+    if not paths:
+        return rows, errors
+    limit = detector.config.max_image_pixels
+    with ThreadPoolExecutor(1, thread_name_prefix="ssimae-read") as reader, \
+            ThreadPoolExecutor(WRITERS, thread_name_prefix="ssimae-write") as writer:
+        next_read, writing = reader.submit(_read, paths[0], limit), collections.deque()
+
+        def finish_oldest() -> None:
+            future, row = writing.popleft()
+            future.result()  # re-raises write errors in order
+            scores.add(row)
+            rows.append(row)
+
+        try:
+            for index, path in enumerate(progress(paths) if progress else paths):
+                image, reason = next_read.result()
+                next_read = None
+                small = image is not None and overlap and image.shape[0] * image.shape[1] <= OVERLAP_MAX_PIXELS
+                if (small or image is None) and index + 1 < len(paths):
+                    next_read = reader.submit(_read, paths[index + 1], limit)
+                if image is None:
+                    if strict:
+                        raise SsimaeError(f"{reason} (--strict stops at the first bad file)")
+                    log.warning("skipped: %s", reason)
+                    errors.append((str(path.relative_to(base)), reason))
+                else:
+                    warn_colour_mismatch(image, detector, path, warned)
+                    row, job = outputs(path, image)
+                    del image
+                    while len(writing) >= (WRITERS if small else 1):  # bounded memory
+                        finish_oldest()
+                    writing.append((writer.submit(job), row))
+                    if not small:  # a large image: finish its files before reading the next one
+                        finish_oldest()
+                if next_read is None and index + 1 < len(paths):
+                    next_read = reader.submit(_read, paths[index + 1], limit)
+        except BaseException:  # keep the images already computed: finish their files and rows
+            while writing:
+                try:
+                    finish_oldest()
+                except Exception:
+                    writing.clear()
+            raise
+        while writing:
+            finish_oldest()
+    return rows, errors
+
+
+def _merge(output_dir: Path, paths: list[Path], base: Path, rank: Rank, rows: list[dict],
+           errors: list[tuple[str, str]]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Every process's rows and errors on the main process, in input order; scores.csv merged there
+    from the per-process files, which are then removed."""
+    shares = gather((rows, errors))
+    if not rank.main:
+        barrier()
+        return rows, errors
+    order = {str(path.relative_to(base)): index for index, path in enumerate(paths)}
+    rows = sorted((row for part, _ in shares for row in part), key=lambda row: order[row["path"]])
+    errors = sorted((error for _, part in shares for error in part), key=lambda error: order[error[0]])
+    parts = [output_dir / f"scores.rank{r}.csv" for r in range(rank.world)]
+    lines = {}
+    for part in parts:
+        with open(part, newline="") as handle:
+            for line in list(csv.reader(handle))[1:]:
+                lines[line[0]] = line
+    ordered = [ScoresFile.FIELDS] + [lines[row["path"]] for row in rows]
+    atomic_write_text(output_dir / "scores.csv", "".join(_csv_line(line) for line in ordered))
+    for part in parts:
+        part.unlink()
+    barrier()
+    return rows, errors
 
 
 def _csv_value(value) -> str:

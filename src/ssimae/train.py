@@ -10,6 +10,7 @@ training_log.jsonl (one JSON record per epoch: losses, throughput, reconstructio
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -17,10 +18,12 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from itertools import zip_longest
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, TrainingState, build_network
@@ -28,6 +31,7 @@ from .config import Config, save_config
 from .data import find_training_images, load_image, pad_to_min_size, sample_patches
 from .detector import choose_thresholds, torch_detector, validation_maps
 from .devices import resolve_device, resolve_precision
+from .distributed import Rank, any_rank, barrier, broadcast, device_for, gather, launched, shard
 from .errors import SsimaeError
 from .files import output_folder, remove_stale_temps
 from .losses import LossFn, l2_loss, make_loss, reconstruction
@@ -63,30 +67,34 @@ def train_one_epoch(
     micro_batch: int | None = None,
     bf16: bool = False,
     progress: "TrainingProgress | None" = None,
-    deadline: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[float, int]:
     """One optimiser step per batch of `batches` (N, C, P, P); (mean loss, steps done).
 
-    Stops early when time.monotonic() passes `deadline`. Each step's gradient is accumulated over
-    micro-batches of `micro_batch` patches (every loss is a mean over patches, so this is the
-    batch's gradient up to float summation order). bf16 runs the network under autocast; the loss
-    is computed in fp32.
+    Stops early when `stop()` turns True (checked before each step: a time budget). Each step's
+    gradient is accumulated over micro-batches of `micro_batch` patches (every loss is a mean over
+    patches, so this is the batch's gradient up to float summation order); under
+    DistributedDataParallel the gradients are averaged across processes once per step. bf16 runs
+    the network under autocast; the loss is computed in fp32.
     """
     model.train()
     total, done = 0.0, 0
     for x in batches:
-        if deadline is not None and time.monotonic() >= deadline:
+        if stop is not None and stop():
             break
         x = x.to(device, non_blocking=True)  # (N, C, P, P)
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
-        for part in x.split(micro_batch or len(x)):  # (n, C, P, P) each
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                output = model(part)
-            part_loss = loss_fn(_fp32(output), part) * (len(part) / len(x))
-            if not torch.isfinite(part_loss):
-                raise SsimaeError(f"training diverged (loss {part_loss.item()}); lower --lr")
-            part_loss.backward()
+        parts = x.split(micro_batch or len(x))  # (n, C, P, P) each
+        for number, part in enumerate(parts):
+            last = number == len(parts) - 1
+            with _no_sync(model, last):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the network only
+                    output = model(part)
+                part_loss = loss_fn(_fp32(output), part) * (len(part) / len(x))
+                if not torch.isfinite(part_loss):
+                    raise SsimaeError(f"training diverged (loss {part_loss.item()}); lower --lr")
+                part_loss.backward()
             loss += part_loss.item()
         optimizer.step()
         total += loss
@@ -96,6 +104,14 @@ def train_one_epoch(
     return total / max(done, 1), done
 
 
+def _no_sync(model: torch.nn.Module, last: bool):
+    """DistributedDataParallel averages gradients at every backward unless told not to: only the
+    last micro-batch of a step synchronises."""
+    if not last and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def _fp32(output):
     """A model output with its tensors in float32 (no-op outside autocast)."""
     if isinstance(output, VaeOutput):
@@ -103,10 +119,38 @@ def _fp32(output):
     return output.float()
 
 
-def patch_batches(images: list[np.ndarray], config: Config, rng: np.random.Generator) -> Iterator[torch.Tensor]:
-    """Endless random training batches (batch_size, C, P, P) drawn with `rng`."""
+def patch_batches(images: list[np.ndarray], config: Config, rng: np.random.Generator,
+                  batch_size: int | None = None) -> Iterator[torch.Tensor]:
+    """Endless random training batches (batch_size, C, P, P) drawn with `rng` (on the CPU)."""
     while True:
-        yield sample_patches(images, config.batch_size, config.patch_size, rng, config.rotate, config.flip)
+        yield sample_patches(images, batch_size or config.batch_size, config.patch_size, rng, config.rotate, config.flip)
+
+
+class BatchSource:
+    """The training batches of one process, a fresh seeded stream per epoch (so a resume continues
+    exactly). On CUDA the images are uploaded once and the patches cut on the device
+    (sampling.PatchSampler); on the CPU data.sample_patches is faster (bench/README.md). Under
+    torchrun each rank draws its own patches, batch_size / world of them per step."""
+
+    def __init__(self, images: list[np.ndarray], config: Config, device: torch.device, rank: Rank):
+        if config.batch_size % rank.world:
+            raise SsimaeError(f"--batch-size {config.batch_size} is the batch of all {rank.world} processes together "
+                              f"and must divide evenly among them; use a multiple of {rank.world}")
+        self.images, self.config, self.rank = images, config, rank
+        self.batch = config.batch_size // rank.world
+        self.sampler = None
+        if device.type == "cuda":
+            from .sampling import PatchSampler
+
+            self.sampler = PatchSampler(images, config.patch_size, config.rotate, config.flip, device)
+
+    def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
+        seed = [self.config.seed, 0, epoch] + ([self.rank.rank] if self.rank.rank else [])
+        if self.sampler is None:
+            yield from patch_batches(self.images, self.config, np.random.default_rng(seed), self.batch)
+        generator = self.sampler.generator(*seed)
+        while True:
+            yield self.sampler.sample(self.batch, generator)
 
 
 @torch.no_grad()
@@ -169,8 +213,9 @@ def fit(
     elif checkpoint_path.exists():
         raise SsimaeError(f"{checkpoint_path} exists; pass --resume to continue it or choose another --output")
     split = find_training_images(data_root, config.val_fraction, config.seed)  # a bad folder fails before any file
-    with run_folder(run_dir, fresh=previous is None):
-        return _fit(config, split, run_dir, checkpoint_path, previous, progress)
+    rank = launched()
+    with run_folder(run_dir, fresh=previous is None, active=rank.main):
+        return _fit(config, split, run_dir, checkpoint_path, previous, progress and rank.main, rank)
 
 
 def check_resumable(previous: Checkpoint, config: Config, path: Path) -> None:
@@ -191,14 +236,16 @@ def changed_settings(before: Config, after: Config) -> dict[str, list]:
 class run_folder:
     """The run folder for the duration of a fit: train.log attached to the 'ssimae' logger; a fresh
     run starts without leftover logs, and a fit that fails before its first checkpoint leaves no
-    run files behind (nor the folder, if it made it)."""
+    run files behind (nor the folder, if it made it). Only the main process (`active`) touches it."""
 
     FILES = ("train.log", "training_log.jsonl", "config.yaml")
 
-    def __init__(self, run_dir: Path, fresh: bool):
-        self.run_dir, self.fresh = run_dir, fresh
+    def __init__(self, run_dir: Path, fresh: bool, active: bool = True):
+        self.run_dir, self.fresh, self.active = run_dir, fresh, active
 
     def __enter__(self):
+        if not self.active:
+            return self
         self.made = not self.run_dir.exists()
         output_folder(self.run_dir)
         if self.fresh:
@@ -219,6 +266,8 @@ class run_folder:
         return self
 
     def __exit__(self, kind, error, trace):
+        if not self.active:
+            return False
         logger = logging.getLogger("ssimae")
         logger.removeHandler(self.handler)
         self.handler.close()
@@ -232,24 +281,31 @@ class run_folder:
 
 
 def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: Checkpoint | None,
-         progress: bool) -> TrainResult:
+         progress: bool, rank: Rank) -> TrainResult:
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    log.info("fitting %s on %d images, validating on %d", config.method, len(split.train), len(split.validation))
+    device = resolve_device(device_for(rank, config.device))
+    log.info("fitting %s on %d images, validating on %d%s", config.method, len(split.train), len(split.validation),
+             f" ({rank.world} processes)" if rank.distributed else "")
     train_images = load_images(split.train, config)
     channels = train_images[0].shape[2]
-    save_config(config, run_dir / "config.yaml")
+    if rank.main:
+        save_config(config, run_dir / "config.yaml")
     if config.kind == "reconstruction":
-        checkpoint = train_network(config, train_images, split, channels, device, run_dir, previous, progress)
-    else:
-        checkpoint = fit_memory(config, train_images, channels, device, progress)
+        checkpoint = train_network(config, train_images, split, channels, device, run_dir, previous, progress, rank)
+    else:  # no gradient training: the main process fits, the others take its result
+        checkpoint = broadcast(fit_memory(config, train_images, channels, device, progress) if rank.main else None)
     del train_images
 
     validation = split.validation or split.train  # tiny data sets: validate on training images, and say so
     if not split.validation:
         log.warning("no validation images: the threshold is chosen on training images")
     log.info("choosing the threshold on %d validation image(s)", len(validation))
-    maps = validation_maps(torch_detector(checkpoint, device), validation)
+    shares = gather(validation_maps(torch_detector(checkpoint, device), shard(validation, rank)))
+    if not rank.main:
+        barrier()  # the main process chooses the thresholds and writes the checkpoint
+        return TrainResult(checkpoint_path, None, checkpoint.training.step, checkpoint.training.seconds,
+                           checkpoint.history)
+    maps = [amap for part in zip_longest(*shares) for amap in part if amap is not None]  # validation order
     thresholds = choose_thresholds(maps, config)
     figures = thresholds.validation
     log.info("pixel threshold %.5f (%s): %.4f of validation pixels above it, %.0f%% of validation images with a "
@@ -259,6 +315,7 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
     checkpoint.thresholds = thresholds
     checkpoint.training.complete = True
     checkpoint.save(checkpoint_path)
+    barrier()
     return TrainResult(checkpoint_path, thresholds.pixel, checkpoint.training.step, checkpoint.training.seconds,
                        checkpoint.history)
 
@@ -273,8 +330,9 @@ def fit_memory(config: Config, images: list[np.ndarray], channels: int, device: 
 
 
 def train_network(config: Config, images: list[np.ndarray], split, channels: int, device: torch.device,
-                  run_dir: Path, previous: Checkpoint | None, progress: bool) -> Checkpoint:
-    """Gradient training of a reconstruction method, checkpointing after every epoch."""
+                  run_dir: Path, previous: Checkpoint | None, progress: bool, rank: Rank = Rank()) -> Checkpoint:
+    """Gradient training of a reconstruction method, checkpointing after every epoch (the main process)."""
+    batches = BatchSource(images, config, device, rank)
     model = build_network(config, channels)
     # channels_last (NHWC): faster with oneDNN on CPU and the layout CUDA tensor cores want; the same net.
     model = model.to(device, memory_format=torch.channels_last)
@@ -282,6 +340,11 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
     checkpoint = Checkpoint(config, channels, {}, segments=[{"start_step": 0, "changed": {}, "config": config.to_dict()}])
     if previous is not None:
         resume_from(previous, checkpoint, model, optimizer)
+    if rank.rank:
+        torch.manual_seed(config.seed + 7919 * rank.rank)  # the VAE's sampling noise differs per process
+    trained = model
+    if rank.distributed:  # averages the gradients across processes; starts from the main process's weights
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     feature_extractor = None
     if config.method == "fm-ae":
         from .features import extractor_for  # the pretrained net is needed by fm-ae only
@@ -303,22 +366,28 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60 - state.seconds
+
+    def out_of_time() -> bool:  # every process stops at the same step
+        return any_rank(deadline is not None and time.monotonic() >= deadline, device)
+
     with TrainingProgress(config, state.step, total_steps, deadline, progress) as bar:
-        while state.step < total_steps and (deadline is None or time.monotonic() < deadline):
+        while state.step < total_steps and not out_of_time():
             started = time.monotonic()
-            rng = np.random.default_rng([config.seed, 0, state.epoch])  # per-epoch stream: resumable
-            batches = itertools.islice(patch_batches(images, config, rng), min(steps_per_epoch, total_steps - state.step))
+            epoch = itertools.islice(batches.epoch(state.epoch), min(steps_per_epoch, total_steps - state.step))
             # An L2 warm-up (config.l2_warmup_steps) covers the first steps of the run, then the method's loss.
             warmup = max(0, config.l2_warmup_steps - state.step)
-            run = lambda fn, source: train_one_epoch(model, fn, optimizer, source, device, micro, bf16, bar, deadline)
-            warm_loss, warm_done = run(l2_loss, itertools.islice(batches, warmup)) if warmup else (0.0, 0)
-            loss, done = run(loss_fn, batches)
+            run = lambda fn, source: train_one_epoch(trained, fn, optimizer, source, device, micro, bf16, bar,
+                                                     out_of_time)
+            warm_loss, warm_done = run(l2_loss, itertools.islice(epoch, warmup)) if warmup else (0.0, 0)
+            loss, done = run(loss_fn, epoch)
             done += warm_done
             if done == 0:  # the time budget ran out before this epoch's first step
                 break
             loss = (warm_loss * warm_done + loss * (done - warm_done)) / done
             elapsed = time.monotonic() - started
             state.step, state.epoch, state.seconds = state.step + done, state.epoch + 1, state.seconds + elapsed
+            if not rank.main:
+                continue
             record = {"epoch": state.epoch, "step": state.step, "loss": loss,
                       **evaluate_loss(model, loss_fn, val_patches, device),
                       "patches_per_s": done * config.batch_size / max(elapsed, 1e-9), "seconds": state.seconds}
@@ -330,6 +399,7 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
             keep_training_state(checkpoint, model, optimizer)
             checkpoint.save(run_dir / "checkpoint.pt")
     keep_training_state(checkpoint, model, optimizer)
+    barrier()  # the other processes wait for the main one's last checkpoint
     return checkpoint
 
 
