@@ -70,7 +70,7 @@ def test_loss_is_finite_and_a_few_steps_lower_it(name, feature_extractor):
     assert after < 0.99 * before, (before, after)
 
 
-@pytest.mark.parametrize("name", sorted(set(METHODS) - {"patchcore"}))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_fits_and_predicts_from_its_checkpoint_alone(name, tmp_path, monkeypatch):
     """The contract of every method kind: fit on a folder, then a Detector from the copied checkpoint
     alone gives full-size finite maps, a boolean mask at the threshold and the map's maximum as score."""

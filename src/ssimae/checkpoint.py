@@ -127,6 +127,10 @@ def build_network(config: Config, channels: int) -> torch.nn.Module:
         from .blur import BlurResidual
 
         return BlurResidual(config.blur_sigma)
+    if model == "patchcore":
+        from .patchcore import build_patchcore
+
+        return build_patchcore(config, channels)
     raise ValueError(f"method {config.method!r} has no network builder")
 
 

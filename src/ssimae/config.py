@@ -34,6 +34,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # The map smoothing of each method when map_smoothing is not set: PatchCore's paper smooths with
 # sigma 4; the blur floor is defined with sigma 2 (README); the autoencoders' maps are not smoothed.
 METHOD_SMOOTHING = {"patchcore": 4.0, "blur": 2.0}
+# The working size of each method when image_size is not set (the others keep each image's size):
+# PatchCore's features were measured best on magnetic_tile with images resized to 256x256 (bench/README.md).
+METHOD_IMAGE_SIZE = {"patchcore": "256x256"}
 # Settings that may differ at inference time from training (predict/evaluate flags).
 INFERENCE_SETTINGS = ("stride", "infer_batch_size", "device", "precision", "max_image_pixels")
 
@@ -55,7 +58,7 @@ class Config:
     patch_size: int = 128  # 128, or 256 for the extra-layer variant
     color: str = "gray"  # gray | rgb; the MVTec protocol ran the SSIM-AE on gray images
     # --- images
-    image_size: str | None = None  # None keeps the size; "256" resizes the shorter side; "320x240" is WxH
+    image_size: str | None = None  # "keep" the size, "256" resizes the shorter side, "320x240" is WxH; empty = the method's (keep; 256x256 for patchcore)
     max_image_pixels: int = 16384 * 16384  # larger images are refused before decoding (decompression-bomb guard)
     # --- training data
     patches_per_epoch: int = 10_000  # random crops per epoch
@@ -82,6 +85,11 @@ class Config:
     feature_net: str = "efficientnet-lite0"  # or a torchvision model name with feature_weights
     feature_cut: int | None = None  # layers of the feature net kept; None = its default
     feature_weights: str | None = None  # local weights file for a torchvision feature net
+    # --- patchcore
+    patchcore_blocks: str = "4,10,14"  # EfficientNet-Lite0 blocks whose outputs are the patch features
+    patchcore_neighbourhood: int = 3  # each feature averaged over its k x k neighbourhood
+    memory_bank_size: int = 16384  # upper bound of the memory bank (the greedy coreset's size)
+    coreset_projection: int = 128  # dimensions of the random projection the coreset distances use
     # --- blur (the no-network floor)
     blur_sigma: float = 8.0  # std (pixels) of the Gaussian each image is compared with
     # --- inference and threshold
@@ -99,8 +107,8 @@ class Config:
 
     @property
     def resize(self) -> int | tuple[int, int] | None:
-        """The parsed image_size: None, a shorter side, or (width, height)."""
-        return parse_image_size(self.image_size)
+        """The parsed image_size (or the method's default): None, a shorter side, or (width, height)."""
+        return parse_image_size(METHOD_IMAGE_SIZE.get(self.method) if self.image_size is None else self.image_size)
 
     @property
     def smoothing(self) -> float:
@@ -125,7 +133,8 @@ class Config:
                 f"stride {self.stride} is outside 1..{self.patch_size}: tiles would leave gaps; "
                 f"use a stride <= the patch size {self.patch_size}",
             )
-        for name in ("latent_dim", "patches_per_epoch", "epochs", "batch_size", "infer_batch_size", "max_image_pixels"):
+        for name in ("latent_dim", "patches_per_epoch", "epochs", "batch_size", "infer_batch_size", "max_image_pixels",
+                     "patchcore_neighbourhood", "memory_bank_size", "coreset_projection"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
@@ -163,7 +172,7 @@ class Config:
 
 
 def parse_image_size(text: str | int | None) -> int | tuple[int, int] | None:
-    """None | shorter-side int | (width, height) from '256' or '320x240'."""
+    """None (keep) | shorter-side int | (width, height) from 'keep', '256' or '320x240'."""
     if text is None or text == "" or str(text).lower() in ("none", "keep"):
         return None
     value = str(text).lower()

@@ -137,15 +137,28 @@ def reconstruction_map_fn(patch_fn: PatchFn, config: Config) -> MapFn:
     return map_fn
 
 
-def grid_map_fn(grid_fn: GridFn) -> MapFn:
-    """A MapFn from a whole-image scoring function; its score grid is upsampled to the image."""
+def grid_stride(config: Config) -> int:
+    """Image pixels per cell of a memory method's score grid (1: a map at full size)."""
+    if config.method == "patchcore":
+        from .patchcore import grid_stride as patchcore_stride
+
+        return patchcore_stride(config)
+    return 1
+
+
+def grid_map_fn(grid_fn: GridFn, stride: int = 1) -> MapFn:
+    """A MapFn from a whole-image scoring function. Its score grid has a cell per `stride` x `stride`
+    image pixels from the top left (ceil(H / stride) rows): it is upsampled bilinearly by the stride
+    and cropped to the image."""
 
     def map_fn(image: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (1, C, H, W)
-        grid = grid_fn(x).float()  # (1, 1, h, w)
-        if grid.shape[-2:] != x.shape[-2:]:
-            grid = F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return grid[0, 0].cpu().numpy().astype(np.float32, copy=False)
+        grid = grid_fn(x).float().cpu()  # (1, 1, h, w)
+        height, width = x.shape[-2:]
+        if grid.shape[-2:] != (height, width):
+            size = (grid.shape[-2] * stride, grid.shape[-1] * stride)
+            grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[..., :height, :width]
+        return grid[0, 0].numpy().astype(np.float32, copy=False)
 
     return map_fn
 
@@ -173,7 +186,7 @@ def torch_detector(checkpoint: Checkpoint, device: torch.device, config: Config 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return network(x.to(device))
 
-    return Detector(config, grid_map_fn(grid_fn), checkpoint.thresholds, checkpoint.channels)
+    return Detector(config, grid_map_fn(grid_fn, grid_stride(config)), checkpoint.thresholds, checkpoint.channels)
 
 
 def apply_overrides(config: Config, overrides: dict | None, source: str = "command line") -> Config:

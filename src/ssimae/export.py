@@ -4,7 +4,9 @@ The graph depends on the method's kind (methods.py):
     reconstruction  input  patches         (N, C, P, P) float32 in [0, 1]; N is dynamic
                     output reconstruction  (N, C, P, P)
                     output residual        (N, 1, P, P)  1 - SSIM per pixel (ssim-ae) or squared error
-    memory          input  image           (1, C, H, W) float32 in [0, 1]; H and W are dynamic
+    memory          input  image           (1, C, H, W) float32 in [0, 1]; H and W are dynamic (blur) or
+                                                         the working size (patchcore: its backbone's
+                                                         'same' padding is fixed when traced)
                     output scores          (1, 1, h, w)  the method's score grid (patchcore: nearest-
                                                          neighbour distances at feature resolution)
 The residual is traced from the same code as the torch backend (ssim.py: the Gaussian filter is two
@@ -101,6 +103,13 @@ def onnx_model_bytes(checkpoint: Checkpoint, opset: int = OPSET) -> bytes:
         example = torch.rand(2, channels, config.patch_size, config.patch_size)
         names = dict(input_names=[PATCH_INPUT], output_names=list(PATCH_OUTPUTS),
                      dynamic_axes={name: {0: "batch"} for name in (PATCH_INPUT, *PATCH_OUTPUTS)})
+    elif config.method == "patchcore":  # its backbone's padding depends on the input size: a fixed size
+        from .patchcore import check_image_size
+
+        check_image_size(config)
+        width, height = config.resize
+        graph, example = network, torch.rand(1, channels, height, width)
+        names = dict(input_names=[IMAGE_INPUT], output_names=[IMAGE_OUTPUT])
     else:
         graph = network
         example = torch.rand(1, channels, 160, 192)

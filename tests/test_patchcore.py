@@ -1,0 +1,171 @@
+"""PatchCore (coreset, nearest neighbours, planted defects, checkpoints, ONNX) and the blur floor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import texture, texture_png, write_png
+from scipy import ndimage
+
+from ssimae.blur import BlurResidual, gaussian_taps
+from ssimae.checkpoint import Checkpoint
+from ssimae.config import Config
+from ssimae.detector import load_detector
+from ssimae.patchcore import greedy_coreset, nearest_distances
+from ssimae.train import fit
+
+SETTINGS = dict(method="patchcore", image_size="128x128", memory_bank_size=300, device="cpu", val_fraction=0.2)
+
+
+def _brute_force_k_centre(points: torch.Tensor, size: int, start: int) -> list[int]:
+    """k-centre greedy from the full distance matrix: the definition, for small sets."""
+    distances = torch.cdist(points.double(), points.double())
+    chosen, nearest = [start], distances[start].clone()
+    while len(chosen) < size:
+        index = int(torch.argmax(nearest))
+        chosen.append(index)
+        nearest = torch.minimum(nearest, distances[index])
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_coreset_without_projection_is_the_k_centre_greedy_selection(seed):
+    points = torch.randn(300, 12, generator=torch.Generator().manual_seed(seed))
+    chosen = greedy_coreset(points, 25, projection=0, seed=seed)
+    assert chosen.tolist() == _brute_force_k_centre(points, 25, int(chosen[0]))
+    assert len(set(chosen.tolist())) == 25
+
+
+def test_projected_coreset_covers_almost_as_well_as_the_exact_one():
+    generator = torch.Generator().manual_seed(7)
+    centres = 10 * torch.randn(40, 256, generator=generator)  # 40 clusters of 50 points, far apart
+    points = centres.repeat_interleave(50, dim=0) + torch.randn(2000, 256, generator=generator)
+    exact = greedy_coreset(points, 60, projection=0)
+    projected = greedy_coreset(points, 60, projection=128)
+    radius = lambda chosen: float(nearest_distances(points, points[chosen]).max())  # what k-centre minimises
+    random = torch.randperm(2000, generator=torch.Generator().manual_seed(0))[:60]
+    assert radius(projected) < 1.1 * radius(exact)
+    assert radius(projected) < 0.5 * radius(random)  # random picks miss whole clusters
+
+
+def test_nearest_distances_are_exact_across_chunks(monkeypatch):
+    import ssimae.patchcore as patchcore
+
+    queries, bank = torch.randn(50, 8), torch.randn(70, 8)
+    expected = torch.cdist(queries, bank).min(dim=1).values
+    monkeypatch.setattr(patchcore, "QUERY_CHUNK", 16)
+    monkeypatch.setattr(patchcore, "BANK_CHUNK", 9)
+    torch.testing.assert_close(nearest_distances(queries, bank), expected, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A folder of 10 defect-free textures and a fitted PatchCore run on it."""
+    root = tmp_path_factory.mktemp("patchcore")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        write_png(root / "good" / f"{i}.png", texture_png(128, 128, rng, period=9))
+    result = fit(Config(**SETTINGS), root / "good", root / "run", progress=False)
+    return root, result
+
+
+def _with_blob(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    image = texture(128, 128, np.random.default_rng(seed), period=9)
+    truth = np.zeros(image.shape, dtype=bool)
+    truth[40:56, 70:90] = True
+    image[truth] = 0.05  # a dark blot
+    return image[:, :, None], truth
+
+
+def test_patchcore_finds_a_planted_defect_and_passes_clean_images(planted):
+    _, result = planted
+    detector = load_detector(result.checkpoint, overrides={"device": "cpu"})
+    for seed in range(100, 104):
+        image, truth = _with_blob(seed)
+        prediction = detector.predict(image)
+        amap = prediction.anomaly_map
+        assert prediction.defective and (prediction.mask & truth).any()
+        assert amap[truth].mean() > 1.5 * amap[~truth].mean()
+        y, x = np.unravel_index(amap.argmax(), amap.shape)
+        assert 30 <= y < 66 and 60 <= x < 100  # the peak is at the blot
+    clean = [detector.predict(texture(128, 128, np.random.default_rng(s), period=9)[:, :, None]) for s in range(200, 206)]
+    assert sum(p.defective for p in clean) <= 1
+
+
+def test_the_bank_round_trips_through_the_checkpoint(planted, tmp_path):
+    _, result = planted
+    checkpoint = Checkpoint.load(result.checkpoint)
+    bank = checkpoint.weights["bank"]
+    assert bank.ndim == 2 and bank.shape[0] == 300 and bank.shape[1] == 40 + 112 + 192  # blocks 4, 10, 14
+    checkpoint.save(tmp_path / "copy.pt")
+    network = Checkpoint.load(tmp_path / "copy.pt").network()
+    assert torch.equal(network.bank, bank)
+    x = torch.rand(1, 1, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), checkpoint.network()(x))
+
+
+def test_fits_are_deterministic_for_a_seed(planted, tmp_path):
+    root, result = planted
+    again = fit(Config(**SETTINGS), root / "good", tmp_path / "again", progress=False)
+    a, b = Checkpoint.load(result.checkpoint), Checkpoint.load(again.checkpoint)
+    assert torch.equal(a.weights["bank"], b.weights["bank"])
+    assert a.thresholds.pixel == b.thresholds.pixel and a.thresholds.image == b.thresholds.image
+    other = fit(Config(**{**SETTINGS, "seed": 1}), root / "good", tmp_path / "other", progress=False)
+    assert not torch.equal(a.weights["bank"], Checkpoint.load(other.checkpoint).weights["bank"])
+
+
+def test_onnx_export_agrees_with_torch(planted, tmp_path):
+    from ssimae.export import export_onnx
+
+    _, result = planted
+    path = export_onnx(result.checkpoint, tmp_path / "patchcore.onnx")
+    torch_detector = load_detector(result.checkpoint, overrides={"device": "cpu"})
+    onnx_detector = load_detector(path, "onnxruntime", {"device": "cpu"})
+    for seed in (1, 2):
+        image, _ = _with_blob(seed)
+        resized = np.repeat(np.repeat(image, 2, axis=0), 3, axis=1)[:200, :300]  # not the working size
+        for picture in (image, resized):
+            ours, expected = onnx_detector.anomaly_map(picture), torch_detector.anomaly_map(picture)
+            # Distances to the bank are ~40-90 here; the backbones' float32 convolutions differ in
+            # summation order, so the agreement is relative: within 1e-5 (measured ~5e-6).
+            np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=0)
+            assert ours.max() > 1
+
+
+def test_exporting_a_patchcore_of_varying_image_sizes_is_refused(planted, tmp_path):
+    from ssimae.errors import SsimaeError
+    from ssimae.export import export_onnx
+
+    root, _ = planted
+    result = fit(Config(**{**SETTINGS, "image_size": "keep"}), root / "good", tmp_path / "keep", progress=False)
+    with pytest.raises(SsimaeError, match="fixed working size"):
+        export_onnx(result.checkpoint, tmp_path / "x.onnx")
+
+
+# --------------------------------------------------------------------------- the blur floor
+
+
+def test_blur_taps_and_map_by_hand():
+    taps = gaussian_taps(1.0)
+    assert len(taps) == 9 and taps.sum() == pytest.approx(1.0)  # radius int(4 * 1 + 0.5) = 4
+    assert taps[4] / taps[3] == pytest.approx(np.exp(0.5))  # exp(-x^2 / 2): ratio of x = 0 and x = 1
+    # A single bright pixel on black: the blur leaves taps[4]^2 of it in place, so the map there is
+    # 1 - taps[4]^2; a neighbour one step away gets taps[4] * taps[3] of it.
+    image = torch.zeros(1, 1, 21, 21)
+    image[0, 0, 10, 10] = 1.0
+    amap = BlurResidual(1.0)(image)[0, 0]
+    assert float(amap[10, 10]) == pytest.approx(1 - taps[4] ** 2, abs=1e-6)
+    assert float(amap[10, 11]) == pytest.approx(taps[4] * taps[3], abs=1e-6)
+
+
+def test_blur_floor_equals_scipy_with_the_detector_smoothing():
+    image = texture(90, 110, np.random.default_rng(3))
+    config = Config(method="blur")
+    expected = ndimage.gaussian_filter(np.abs(image - ndimage.gaussian_filter(image.astype(np.float64), 8,
+                                                                              mode="reflect")), 2, mode="reflect")
+    from ssimae.detector import Detector, grid_map_fn
+
+    detector = Detector(config, grid_map_fn(lambda x: BlurResidual(config.blur_sigma)(x)), None, 1)
+    np.testing.assert_allclose(detector.anomaly_map(image[:, :, None]), expected, atol=1e-5)
