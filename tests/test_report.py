@@ -103,3 +103,19 @@ def test_missing_saved_files_are_named(tmp_path):
     (run / "curves.npz").unlink()
     with pytest.raises(SsimaeError, match="no curves.npz"):
         write_report(run)
+
+
+def test_the_report_names_methods_below_the_no_network_floor(tmp_path):
+    from ssimae.report import floor_margins, floor_sentence
+
+    run = fake_run(tmp_path, ["ssim-ae", "patchcore", "blur"])
+    results = json.loads((run / "metrics.json").read_text())
+    results["results"]["ssim-ae"]["metrics"]["au_pro"] = 0.4
+    results["results"]["patchcore"]["metrics"]["au_pro"] = 0.8
+    results["results"]["blur"]["metrics"]["au_pro"] = 0.6
+    (run / "metrics.json").write_text(json.dumps(results))
+    assert floor_margins(results) == pytest.approx({"ssim-ae": -0.2, "patchcore": 0.2})
+    assert floor_sentence(results).startswith("Below the no-network floor (blur, AU-PRO 0.600): ssim-ae.")
+    page = write_report(run).read_text()
+    assert "AU-PRO vs floor" in page and "-0.200" in page and "+0.200" in page
+    assert "Below the no-network floor" in (run / "metrics.md").read_text()

@@ -24,6 +24,7 @@ from . import __version__, distributed
 from .config import BACKENDS, CHOICES, INFERENCE_SETTINGS, PRESETS, Config, config_from_dict, load_config, \
     preset_config, setting_type
 from .errors import SettingError, SsimaeError
+from .methods import COMPARED
 
 log = logging.getLogger("ssimae")
 TYPED = "_typed_flags"  # namespace attribute: setting name -> the flag the user typed for it
@@ -160,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", parents=[common],
                                   help="train and evaluate several methods with one budget; metrics, curves, HTML report")
     compare.add_argument("dataset", type=Path, help="MVTec AD category folder with train/good, test/ and ground_truth/")
-    compare.add_argument("--methods", default="ssim-ae,l2-ae,vae,fm-ae", help="comma-separated (default: the paper's four)")
+    compare.add_argument("--methods", default=",".join(COMPARED),
+                         help=f"comma-separated (default: {','.join(COMPARED)}: the paper's four, PatchCore and the "
+                              "no-network floor)")
     compare.add_argument("--checkpoints", help="reuse trained models instead of training: method=path,method=path")
     compare.add_argument("--output", "-o", type=Path, required=True,
                          help="folder for runs/<method>/, metrics.{md,csv,json}, roc.png, pro.png, examples/, report.html")

@@ -32,7 +32,7 @@ from .detector import load_detector
 from .errors import SsimaeError
 from .evaluate import TestMaps, compute_test_maps, metrics_of
 from .files import atomic_path, atomic_write_text, json_safe
-from .methods import PAPER_METHODS
+from .methods import COMPARED
 from .metrics import pixel_auroc, pixel_roc_curve, pro_curve
 from .overlay import blend_overlay
 from .report import FORMAT, write_report
@@ -237,7 +237,7 @@ def compare(
     config: Config,
     dataset: str | os.PathLike,
     output_dir: str | os.PathLike,
-    methods: Sequence[str] = PAPER_METHODS,
+    methods: Sequence[str] = COMPARED,
     checkpoints: dict[str, Path] | None = None,
     progress: bool = False,
     image_progress: Callable[[str], Callable | None] | None = None,

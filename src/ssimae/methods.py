@@ -36,6 +36,9 @@ METHODS: dict[str, Method] = {
     "blur": Method("memory", "blur", None, None),
 }
 PAPER_METHODS = ("ssim-ae", "l2-ae", "vae", "fm-ae")  # the paper's comparison
+# What `compare` runs unless told otherwise: the paper's four, the modern reference and the floor,
+# so that every comparison shows where each method stands against a detector without a network.
+COMPARED = PAPER_METHODS + ("patchcore", "blur")
 
 
 def is_reconstruction(name: str) -> bool:

@@ -27,7 +27,9 @@ from .errors import SsimaeError
 from .files import atomic_path, atomic_write_text
 
 FORMAT = "ssimae-compare-1"  # the "format" of a compare metrics.json
-COLORS = {"ssim-ae": "tab:blue", "l2-ae": "tab:orange", "vae": "tab:green", "fm-ae": "tab:red"}
+COLORS = {"ssim-ae": "tab:blue", "l2-ae": "tab:orange", "vae": "tab:green", "fm-ae": "tab:red",
+          "patchcore": "tab:purple", "blur": "tab:gray"}
+LINESTYLES = {"blur": "--"}  # the no-network floor, dashed: the line every method should be above
 LOW_FIDELITY = 0.3  # below this input/reconstruction correlation the report flags a likely collapsed model
 HEADLINE = (  # metrics key, column title
     ("pixel_auroc", "pixel ROC AUC"),
@@ -102,6 +104,8 @@ def metrics_markdown(results: dict) -> str:
         values = [_number(entry["metrics"].get(key)) for key, _ in HEADLINE]
         lines.append(f"| {method} | " + " | ".join(values) +
                      f" | {_duration(entry['training']['seconds'])} | {entry['training']['steps']} |")
+    if floor_sentence(results):
+        lines += ["", floor_sentence(results)]
     lines += ["", "## Decisions at the thresholds chosen on defect-free validation images", "",
               "| method | " + " | ".join(title for _, title in DECISIONS) + " | validation pixel FPR |",
               "|---" * (len(DECISIONS) + 2) + "|"]
@@ -159,7 +163,8 @@ def plot_roc(results: dict, curves: dict[str, np.ndarray]) -> Figure:
         fpr, tpr = curves[f"{method}.roc_fpr"], curves[f"{method}.roc_tpr"]
         label = f"{method} (AUC {_number(results['results'][method]['metrics']['pixel_auroc'], 3)})"
         for axes in (linear, logarithmic):
-            axes.plot(fpr, tpr, color=COLORS.get(method), label=label, linewidth=1.5)
+            axes.plot(fpr, tpr, color=COLORS.get(method), label=label, linewidth=1.5,
+                      linestyle=LINESTYLES.get(method, "-"))
         if (fpr > 0).any():
             smallest = min(smallest, float(fpr[fpr > 0].min()))
     linear.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="chance")
@@ -181,7 +186,7 @@ def plot_pro(results: dict, curves: dict[str, np.ndarray]) -> Figure:
     for method in results["methods"]:
         label = f"{method} (AU-PRO {_number(results['results'][method]['metrics']['au_pro'], 3)})"
         axes.plot(curves[f"{method}.pro_fpr"], curves[f"{method}.pro_value"], color=COLORS.get(method),
-                  label=label, linewidth=1.5)
+                  label=label, linewidth=1.5, linestyle=LINESTYLES.get(method, "-"))
     axes.plot([0, limit], [0, limit], color="gray", linestyle=":", linewidth=1, label="random map")
     axes.set(xlim=(0, limit), ylim=(0, 1.01), title=f"Per-region overlap up to FPR {limit}",
              xlabel="false-positive rate", ylabel="per-region overlap (PRO)")
@@ -285,8 +290,34 @@ def _img(png: bytes, css_class: str, alt: str) -> str:
     return f'<img class="{css_class}" src="{_data_uri(png)}" alt="{html.escape(alt)}">'
 
 
+FLOOR = "blur"
+
+
+def floor_margins(results: dict) -> dict[str, float | None]:
+    """Each method's AU-PRO minus the no-network floor's (None without the floor in the comparison)."""
+    if FLOOR not in results["methods"]:
+        return {}
+    floor = results["results"][FLOOR]["metrics"].get("au_pro")
+    return {m: None if floor is None or results["results"][m]["metrics"].get("au_pro") is None
+            else results["results"][m]["metrics"]["au_pro"] - floor for m in results["methods"] if m != FLOOR}
+
+
+def floor_sentence(results: dict) -> str:
+    """Which methods stay below the no-network floor's AU-PRO, in words ('' without the floor)."""
+    margins = floor_margins(results)
+    if not margins:
+        return ""
+    below = [m for m, d in margins.items() if d is not None and d < 0]
+    floor = results["results"][FLOOR]["metrics"]["au_pro"]
+    if not below:
+        return f"Every method is above the no-network floor (blur, AU-PRO {_number(floor, 3)})."
+    return (f"Below the no-network floor (blur, AU-PRO {_number(floor, 3)}): {', '.join(below)}. Their maps find "
+            "less than a filter residual does on these images.")
+
+
 def _summary_table(results: dict) -> str:
     methods = results["methods"]
+    margins = floor_margins(results)
     best = {}
     for key, _ in HEADLINE:
         values = [results["results"][m]["metrics"].get(key) for m in methods]
@@ -303,9 +334,20 @@ def _summary_table(results: dict) -> str:
         rows.append(f"<tr><td>{swatch}{html.escape(method)}</td>{''.join(cells)}"
                     f"<td>{_duration(training['seconds'])} ({origin})</td><td>{training['steps']}</td>"
                     f"<td{_fidelity_class(training.get('fidelity_corr'))}>{_number(training.get('fidelity_corr'), 3)}</td>"
-                    f"<td>{_number(training.get('threshold'), 5)}</td></tr>")
+                    f"<td>{_number(training.get('threshold'), 5)}</td>"
+                    + (f"<td{_margin_class(margins.get(method))}>{_signed(margins.get(method))}</td>" if margins else "")
+                    + "</tr>")
+    floor_head = "<th>AU-PRO vs floor</th>" if margins else ""
     return (f"<table><tr><th>method</th>{head}<th>training</th><th>steps</th><th>recon. fidelity</th>"
-            f"<th>threshold</th></tr>{''.join(rows)}</table>")
+            f"<th>threshold</th>{floor_head}</tr>{''.join(rows)}</table>")
+
+
+def _signed(value: float | None) -> str:
+    return "" if value is None else f"{value:+.3f}"
+
+
+def _margin_class(value: float | None) -> str:
+    return ' class="warn"' if value is not None and value < 0 else ""
 
 
 def _decision_table(results: dict) -> str:
@@ -387,6 +429,7 @@ def html_page(results: dict, run_dir: Path, figures: dict[str, bytes]) -> str:
         f"and settings: {html.escape(', '.join(f'{k}={settings.get(k)}' for k in shown))}. "
         f"ssimae {html.escape(str(results.get('version', '')))}.</p>",
         "<h2>Results</h2>", _summary_table(results),
+        f"<p>{html.escape(floor_sentence(results))}</p>" if floor_sentence(results) else "",
         '<p class="note">Pixel ROC AUC, AU-PRO (area under the per-region-overlap curve up to FPR '
         f"{results['fpr_limit']}, divided by {results['fpr_limit']}) and F1-max pool all pixels of all test images; "
         "image AUROC ranks the images by each method's image score (MVTec's protocol, the map maximum, is in "
