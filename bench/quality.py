@@ -4,7 +4,7 @@ and write the results table (pixel ROC AUC, AU-PRO@0.3, image AUROC, training ti
 The budget is a number of optimiser steps, not minutes, so results do not depend on machine load;
 the training time is reported beside it. A detector with no network at all is evaluated too, so a
 reader can see how much the autoencoder adds on each data set:
-  blur-diff: |x - GaussianBlur(x, sigma=8)| smoothed with sigma 2 (see ANCHORS.md).
+  blur-diff: |x - GaussianBlur(x, sigma=8)| smoothed with sigma 2 (the blur method).
 
     python bench/quality.py                       # all data sets, ssim-ae and l2-ae
     python bench/quality.py --datasets PA_BDP01_TL --steps-piped 50 --update-readme

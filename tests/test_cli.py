@@ -149,6 +149,7 @@ def test_evaluate_writes_metrics(cli_run, mvtec_root, tmp_path, capsys):
     assert tmp_files(out) == []
 
 
+@pytest.mark.slow
 def test_python_m_help_and_version():
     help_run = subprocess.run([sys.executable, "-m", "ssimae", "--help"], capture_output=True, text=True, timeout=120)
     assert help_run.returncode == 0, help_run.stderr
@@ -345,9 +346,40 @@ def test_strict_stops_at_the_first_bad_image(checkpoint_path, mvtec_root, tmp_pa
     assert not (out / "maps" / "c_good.tiff").exists() and tmp_files(out) == []
 
 
+@pytest.mark.slow
 def test_ssimae_error_never_prints_a_traceback_from_a_subprocess(tmp_path):
     result = subprocess.run([str(BIN / "ssimae"), "predict", str(tmp_path / "none.pt"), str(tmp_path),
                              "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("ssimae: error:") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr and "none.pt" in result.stderr
+
+
+@pytest.mark.slow
+def test_resize_and_smoothing_end_to_end(mvtec_root, tmp_path, capsys):
+    """--image-size and --map-smoothing through train and predict: maps at the original size, equal to
+    the working-size map smoothed, then resized back."""
+    from ssimae.data import read_image, resize_map
+    from ssimae.detector import load_detector
+    from ssimae.inference import smooth_map
+
+    run = tmp_path / "run"
+    flags = [f for f in TINY_FLAGS if f != "--quiet"]
+    code, _, err = run_cli(capsys, "train", mvtec_root, "--output", run, *flags, "--image-size", "200x180",
+                           "--map-smoothing", "3", "--quiet")
+    assert code == 0, err
+    out = tmp_path / "pred"
+    assert run_cli(capsys, "predict", run / "checkpoint.pt", mvtec_root / "test" / "scratch", "--output", out,
+                   "--quiet")[0] == 0
+    detector = load_detector(run / "checkpoint.pt", overrides={"device": "cpu"})
+    assert detector.config.smoothing == 3.0 and detector.config.resize == (200, 180)
+    for name in ("000", "001"):
+        image = read_image(mvtec_root / "test" / "scratch" / f"{name}.png")
+        working = detector.preprocess(image)
+        assert working.shape[:2] == (180, 200)
+        expected = resize_map(smooth_map(detector.map_fn(working), 3.0), *image.shape[:2])
+        with Image.open(out / "maps" / f"{name}.tiff") as tiff:
+            written = np.asarray(tiff)
+        assert written.shape == image.shape[:2]
+        np.testing.assert_allclose(written, expected, atol=1e-6)
+        assert np.abs(written - resize_map(detector.map_fn(working), *image.shape[:2])).max() > 1e-3  # smoothed

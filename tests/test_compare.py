@@ -24,6 +24,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 TINY = ["--max-steps", "2", "--batch-size", "2", "--patches-per-epoch", "2", "--latent-dim", "8", "--stride", "64",
         "--infer-batch-size", "8", "--device", "cpu", "--quiet"]
 
+pytestmark = pytest.mark.slow  # trains every method through the CLI
+
 
 def make_dataset(root: Path) -> Path:
     """MVTec layout: train/good (4), test/good (2), test/scratch (3), all 136x150, with masks."""

@@ -198,15 +198,13 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# Hand-computed from Table 1 (weights + biases), d = 100, C = 1:
-#   encoder  544 + 16416 + 9248 + 32832 + 36928 + 131200 + 73792 + 18464 + 204900  = 524324
-#   decoder  204832 + 18496 + 73856 + 131136 + 36928 + 32800 + 9248 + 16416 + 513  = 524225
-PARAMS_128_GRAY = 524_324 + 524_225  # 1,048,549
-PARAMS_128_RGB = PARAMS_128_GRAY + 2 * 16 * 32 + (2 * 32 * 16 + 2)  # first conv +1024, output convT +1026
-PARAMS_256_GRAY = PARAMS_128_GRAY + 16_416 + 16_416  # extra 32->32 4x4 conv in each half (the old first conv becomes 32->32)
-PARAMS_VAE_128_GRAY = PARAMS_128_GRAY + 204_900  # a second 8x8 head (log-variance)
-
-
+# Hand-computed from Table 1 (weights + biases), d = 100:
+#   gray 128  encoder 544 + 16416 + 9248 + 32832 + 36928 + 131200 + 73792 + 18464 + 204900 = 524,324
+#             decoder 204832 + 18496 + 73856 + 131136 + 36928 + 32800 + 9248 + 16416 + 513 = 524,225
+#             together 1,048,549
+#   rgb 128   + 2 * 16 * 32 in the first conv, + 2 * 32 * 16 + 2 in the output transposed conv = 1,050,599
+#   gray 256  + 16,416 for the extra 32 -> 32 4x4 layer in each half = 1,081,381
+#   vae 128   + 204,900 for the second 8x8 head (log-variance) = 1,253,449
 @pytest.mark.parametrize(
     "kind, channels, patch_size, expected",
     [
@@ -217,12 +215,6 @@ PARAMS_VAE_128_GRAY = PARAMS_128_GRAY + 204_900  # a second 8x8 head (log-varian
     ],
 )
 def test_parameter_counts_match_hand_computation(kind, channels, patch_size, expected):
-    assert expected == {
-        ("ae", 1, 128): PARAMS_128_GRAY,
-        ("ae", 3, 128): PARAMS_128_RGB,
-        ("ae", 1, 256): PARAMS_256_GRAY,
-        ("vae", 1, 128): PARAMS_VAE_128_GRAY,
-    }[(kind, channels, patch_size)]
     assert _count(build_model(kind, channels, D, patch_size)) == expected
 
 

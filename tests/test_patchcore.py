@@ -106,6 +106,7 @@ def test_the_bank_round_trips_through_the_checkpoint(planted, tmp_path):
         torch.testing.assert_close(network(x), checkpoint.network()(x))
 
 
+@pytest.mark.slow
 def test_fits_are_deterministic_for_a_seed(planted, tmp_path):
     root, result = planted
     again = fit(Config(**SETTINGS), root / "good", tmp_path / "again", progress=False)
@@ -116,6 +117,7 @@ def test_fits_are_deterministic_for_a_seed(planted, tmp_path):
     assert not torch.equal(a.weights["bank"], Checkpoint.load(other.checkpoint).weights["bank"])
 
 
+@pytest.mark.slow
 def test_onnx_export_agrees_with_torch(planted, tmp_path):
     from ssimae.export import export_onnx
 
@@ -134,6 +136,7 @@ def test_onnx_export_agrees_with_torch(planted, tmp_path):
             assert ours.max() > 1
 
 
+@pytest.mark.slow
 def test_exporting_a_patchcore_of_varying_image_sizes_is_refused(planted, tmp_path):
     from ssimae.errors import SsimaeError
     from ssimae.export import export_onnx

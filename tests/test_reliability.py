@@ -227,6 +227,7 @@ def test_resume_applies_and_records_changed_settings(checkpoint_path, mvtec_root
 
 
 @pytest.mark.parametrize("method", ["ssim-ae", "l2-ae", "vae", "fm-ae"])
+@pytest.mark.slow
 def test_resume_is_bit_exact(method, mvtec_root, tmp_path):
     """Two steps, stop, resume for a third = three steps straight: the same weights, bit for bit."""
     config = tiny_config(method=method, patches_per_epoch=4, max_steps=2)  # one step per epoch
@@ -242,6 +243,7 @@ def test_resume_is_bit_exact(method, mvtec_root, tmp_path):
         assert torch.equal(tensor, resumed.weights[name]), name
 
 
+@pytest.mark.slow
 def test_progress_total_follows_the_time_budget(mvtec_root, tmp_path, monkeypatch):
     """Under --max-minutes the bar's total is what the time allows, not the 200-epoch step budget."""
     import ssimae.train as train

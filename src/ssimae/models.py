@@ -8,7 +8,7 @@ The decoder mirrors it and ends in a sigmoid. A 256x256 input gets one more stri
 front of the encoder and one more stride-2 transposed conv at the end of the decoder (MVTec AD).
 LeakyReLU(0.2) follows every layer except the latent and the output. Weights use He
 initialisation for LeakyReLU(0.2): with PyTorch's default init the 18-layer net collapsed to a
-flat grey output on short budgets (measured, see ANCHORS.md).
+flat grey output on short budgets (measured; bench/README.md).
 """
 
 from __future__ import annotations

@@ -12,10 +12,9 @@ The local statistics filter the five moment images x, y, x^2, y^2, xy of every c
 separable Gaussian (one 1-D pass per axis instead of 121 taps), reflect-padded at the border.
 For images up to MATRIX_MAX_SIDE pixels a side (training and inference patches) each pass is one
 matrix product with a precomputed (L, L) banded matrix that holds the taps and the reflect padding:
-G_h @ M @ G_w^T. It does 12x the multiply-adds of 11-tap convolutions at 128 px, yet measured on
-the 2-core CPU (bench/speed.py, ssim section) it ran 3.6-4x faster forward and 6.5-7x faster forward
-+ backward than grouped 1-D convolutions on a padded copy (depthwise 11-tap kernels run far below the
-matmul rate, their backward even more so). Larger images keep the grouped convolutions, whose cost
+G_h @ M @ G_w^T. It does more multiply-adds than 11-tap convolutions, but runs at the matmul rate,
+which depthwise convolutions (and their backward even more) do not: several times faster for the
+loss (figures in bench/README.md). Larger images keep the grouped convolutions, whose cost
 does not grow with the side. When only one input needs a gradient (the training loss:
 the reconstruction does, the input patch does not), the other input's moments are filtered apart,
 so the backward pass filters 3 moment images instead of 5. Statistics are population (biased)
