@@ -1,13 +1,15 @@
-"""Quality benchmark: train each method with one fixed step budget on real data sets, evaluate,
-and write the results table (pixel ROC AUC, AU-PRO@0.3, image AUROC, training time, machine).
+"""Quality benchmark: fit every method on real data sets with a fixed budget, evaluate, and write the
+results table (the README's), with the figures a user acts on and what each fit cost.
 
-The budget is a number of optimiser steps, not minutes, so results do not depend on machine load;
-the training time is reported beside it. A detector with no network at all is evaluated too, so a
-reader can see how much the autoencoder adds on each data set:
-  blur-diff: |x - GaussianBlur(x, sigma=8)| smoothed with sigma 2 (the blur method).
+Budgets: the reconstruction methods get a number of optimiser steps (400 on magnetic_tile, 150 on each
+PIPED type, batch 128) and at most --max-fit-minutes of fit; PatchCore and the blur floor have no
+training to budget. Every run's test and validation maps are saved (float16) under
+OUTPUT/maps/<data set>-<method>.npz, so image scores and threshold rules can be compared offline
+(bench/decisions.py) without refitting.
 
-    python bench/quality.py                       # all data sets, ssim-ae and l2-ae
-    python bench/quality.py --datasets PA_BDP01_TL --steps-piped 50 --update-readme
+    python bench/quality.py                                         # everything: hours on 2 cores
+    python bench/quality.py --datasets PA_BDP01_TL --methods blur,patchcore
+    python bench/quality.py --update-readme                         # rewrite the README's table
 """
 
 from __future__ import annotations
@@ -16,25 +18,29 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ssimae.config import config_from_dict, preset_config
-from ssimae.data import find_test_items, load_mask, read_image, to_color
+from ssimae.data import find_training_images, read_image
+from ssimae.detector import load_detector
 from ssimae.evaluate import compute_test_maps, metrics_of
-from ssimae.metrics import evaluate_maps
-from ssimae.predict import load_detector
+from ssimae.files import json_safe
+from ssimae.methods import COMPARED
 from ssimae.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-PIPED_TYPES = ("PA_BDP01_TL", "PA_BRG03_TL", "PA_FVN02_RL")
+PIPED_TYPES = ("PA_BDP01_TL", "PA_BFT01_TL", "PA_BRG01_RL", "PA_BRG02_RL", "PA_BRG03_TL", "PA_BTN01_RL",
+               "PA_FLR01_TL", "PA_FLR02_TL", "PA_FVN01_TL", "PA_FVN02_RL", "PA_GLA01_TL", "PA_ZPB01_RL")
 README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
+KEYS = ("pixel_auroc", "au_pro", "image_auroc", "image_auroc_max", "pixel_f1", "pixel_f1_max", "image_accuracy",
+        "image_accuracy_best", "image_precision", "image_recall", "good_images_flagged")
 
 
 def dataset_paths(names: list[str], data_root: Path) -> dict[str, Path]:
@@ -56,68 +62,68 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
 
 
-def blur_diff_metrics(dataset: Path) -> dict:
-    """The no-network baseline on the test split."""
-    maps, masks = [], []
-    for item in find_test_items(dataset):
-        image = to_color(read_image(item.path), "gray")[:, :, 0]
-        residual = np.abs(image - ndimage.gaussian_filter(image, 8, mode="reflect"))
-        maps.append(ndimage.gaussian_filter(residual, 2, mode="reflect"))
-        masks.append(load_mask(item.mask_path, image.shape) if item.mask_path else np.zeros(image.shape, bool))
-    return evaluate_maps(maps, masks)
-
-
-def smoothing_sweep(maps: list[np.ndarray], masks: list[np.ndarray], sigmas=(2, 4, 8)) -> dict:
-    """Metrics of the same maps after Gaussian smoothing: how much is residual-map noise."""
-    return {sigma: evaluate_maps([ndimage.gaussian_filter(m, sigma) for m in maps], masks) for sigma in sigmas}
-
-
-def run_one(dataset: Path, method: str, preset: str, steps: int, overrides: dict, run_dir: Path,
-            sweep: bool = False) -> dict:
-    config = config_from_dict({"method": method, "max_steps": steps, **overrides}, preset_config(preset)).validate()
+def run_one(dataset: Path, method: str, preset: str | None, steps: int, minutes: float, overrides: dict,
+            run_dir: Path, maps_file: Path) -> dict:
+    values = {"method": method, **overrides}
+    if method not in ("patchcore", "blur"):
+        values.update(max_steps=steps, max_minutes=minutes)
+    config = config_from_dict(values, preset_config(preset)).validate()
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     started = time.monotonic()
     result = fit(config, dataset, run_dir, progress=False)
-    train_seconds = time.monotonic() - started
+    fit_seconds = time.monotonic() - started
     detector = load_detector(result.checkpoint)
     started = time.monotonic()
     test = compute_test_maps(detector, dataset)
     metrics = metrics_of(test, detector)
     eval_seconds = time.monotonic() - started
-    last = result.history[-1]
+    validation = find_training_images(dataset, config.val_fraction, config.seed).validation
+    validation_maps = [detector.anomaly_map(read_image(p)) for p in validation]
+    maps_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(maps_file, **{f"test_{i}": m.astype(np.float16) for i, m in enumerate(test.maps)},
+                        **{f"mask_{i}": m for i, m in enumerate(test.masks)},
+                        **{f"val_{i}": m.astype(np.float16) for i, m in enumerate(validation_maps)},
+                        kinds=np.array([item.defect_type for item in test.items]),
+                        thresholds=np.array([detector.threshold, detector.image_threshold], dtype=np.float64))
+    last = result.history[-1] if result.history else {}
     return {
-        **{k: metrics[k] for k in ("pixel_auroc", "au_pro", "image_auroc", "pixel_f1_max")},
+        **{key: metrics.get(key) for key in KEYS},
+        "validation": metrics.get("validation"),
         "per_defect_type": metrics["per_defect_type"],
         "steps": result.steps,
-        "patches": result.steps * config.batch_size,
-        "train_minutes": train_seconds / 60,
+        "fit_minutes": fit_seconds / 60,
         "eval_minutes": eval_seconds / 60,
-        "fidelity_corr": last["fidelity_corr"],
-        "detail_ratio": last["detail_ratio"],
-        "val_loss": last["val_loss"],
+        "eval_seconds_per_image": eval_seconds / len(test.items),
+        "fidelity_corr": last.get("fidelity_corr"),
+        "detail_ratio": last.get("detail_ratio"),
         "settings": {**overrides, "preset": preset},
-        "smoothing_sweep": smoothing_sweep(test.maps, test.masks) if sweep else None,
+        "image_score": config.image_score,
     }
+
+
+def _n(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def markdown_table(results: list[dict], machine_text: str) -> str:
     lines = [
-        "| data set | method | steps x batch | train min | pixel ROC AUC | AU-PRO@0.3 | image AUROC | fidelity |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data set | method | budget | fit min | pixel ROC AUC | AU-PRO@0.3 | image AUROC (max) | pixel F1 / F1-max "
+        "| image accuracy / best | good flagged | fidelity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        if r["method"] == "blur-diff":
-            budget, minutes, fidelity = "no training", "-", "-"
-        else:
-            budget = f"{r['steps']} x {r['patches'] // max(r['steps'], 1)}"
-            minutes, fidelity = f"{r['train_minutes']:.1f}", f"{r['fidelity_corr']:.2f}"
-        lines.append(f"| {r['dataset']} | {r['method']} | {budget} | {minutes} | {r['pixel_auroc']:.3f} | "
-                     f"{r['au_pro']:.3f} | {r['image_auroc']:.3f} | {fidelity} |")
-    lines.append("")
-    lines.append(f"Machine: {machine_text}. fidelity = pixel correlation of input and reconstruction on "
-                 "held-out good patches (near 0 means a collapsed model).")
+        budget = f"{r['steps']} steps" if r["steps"] else "no training"
+        lines.append(
+            f"| {r['dataset']} | {r['method']} | {budget} | {r['fit_minutes']:.1f} | {_n(r['pixel_auroc'])} | "
+            f"{_n(r['au_pro'])} | {_n(r['image_auroc'])} ({_n(r['image_auroc_max'])}) | "
+            f"{_n(r['pixel_f1'])} / {_n(r['pixel_f1_max'])} | {_n(r['image_accuracy'])} / "
+            f"{_n(r['image_accuracy_best'])} | {_n(r['good_images_flagged'], 2)} | {_n(r['fidelity_corr'], 2)} |")
+    lines += ["", f"Machine: {machine_text}."]
     return "\n".join(lines)
 
 
@@ -131,53 +137,55 @@ def update_readme(table: str) -> None:
     readme.write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}")
 
 
+def parse_overrides(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        overrides[key.replace("-", "_")] = value
+    return overrides
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=DATA)
     parser.add_argument("--datasets", default=",".join(("magnetic_tile",) + PIPED_TYPES))
-    parser.add_argument("--methods", default="ssim-ae,l2-ae")
-    parser.add_argument("--presets", default="paper", help="presets run on every data set")
-    parser.add_argument("--tuned-on", default="magnetic_tile",
-                        help="data sets that also get the 'tuned' preset (comma-separated, or empty)")
-    parser.add_argument("--smoothing-sweep", action="store_true",
-                        help="also report each run's metrics after smoothing its maps (sigma 2, 4, 8)")
+    parser.add_argument("--methods", default=",".join(COMPARED))
+    parser.add_argument("--preset", default=None, help="a preset for every run (e.g. paper); default: the defaults")
     parser.add_argument("--steps-magnetic", type=int, default=400, help="optimiser steps on magnetic_tile")
     parser.add_argument("--steps-piped", type=int, default=150, help="optimiser steps on each PIPED type")
+    parser.add_argument("--max-fit-minutes", type=float, default=10.0, help="time cap of each fit")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Config setting for every run (repeatable), e.g. --set rotate=none")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "quality")
+    parser.add_argument("--tag", default="", help="suffix of the run and map names (several configurations side by side)")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    overrides = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        overrides[key.replace("-", "_")] = value if not value.replace(".", "").isdigit() else (
-            float(value) if "." in value else int(value))
+    overrides = parse_overrides(args.set)
     datasets = dataset_paths(args.datasets.split(","), args.data_root)
     args.output.mkdir(parents=True, exist_ok=True)
-    results = []
+    results_path = args.output / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else []
+    label = lambda method: method + (f" ({args.preset})" if args.preset else "") + (f" [{args.tag}]" if args.tag else "")
     for name, path in datasets.items():
-        results.append({"dataset": name, "method": "blur-diff", **blur_diff_metrics(path)})
-        print(f"{name:14s} blur-diff  pixel {results[-1]['pixel_auroc']:.3f} pro {results[-1]['au_pro']:.3f}", flush=True)
-        presets = args.presets.split(",") + (["tuned"] if name in args.tuned_on.split(",") else [])
-        for preset, method in [(p, m) for p in dict.fromkeys(presets) for m in args.methods.split(",")]:
+        for method in args.methods.split(","):
             steps = args.steps_magnetic if name == "magnetic_tile" else args.steps_piped
-            label = method if preset == "paper" else f"{method} ({preset})"
-            run_dir = args.output / "runs" / f"{name}-{method}-{preset}"
-            if (run_dir / "checkpoint.pt").exists():
-                (run_dir / "checkpoint.pt").unlink()
-            record = {"dataset": name, "method": label,
-                      **run_one(path, method, preset, steps, overrides, run_dir, args.smoothing_sweep)}
-            results.append(record)
-            if record["smoothing_sweep"]:
-                for sigma, m in record["smoothing_sweep"].items():
-                    print(f"    maps smoothed sigma {sigma}: pixel {m['pixel_auroc']:.3f} pro {m['au_pro']:.3f} "
-                          f"image {m['image_auroc']:.3f}", flush=True)
-            print(f"{name:14s} {label:18s} pixel {record['pixel_auroc']:.3f} pro {record['au_pro']:.3f} "
-                  f"image {record['image_auroc']:.3f} train {record['train_minutes']:.1f} min "
-                  f"fidelity {record['fidelity_corr']:.2f} detail {record['detail_ratio']:.2f}", flush=True)
-            (args.output / "results.json").write_text(json.dumps(results, indent=2, default=str))
+            key = f"{name}-{method}{'-' + args.preset if args.preset else ''}{'-' + args.tag if args.tag else ''}"
+            record = {"dataset": name, "method": label(method),
+                      **run_one(path, method, args.preset, steps, args.max_fit_minutes, overrides,
+                                args.output / "runs" / key, args.output / "maps" / f"{key}.npz")}
+            results = [r for r in results if (r["dataset"], r["method"]) != (name, record["method"])] + [record]
+            results_path.write_text(json.dumps(json_safe(results), indent=2))
+            print(f"{name:14s} {record['method']:22s} pixel {_n(record['pixel_auroc'])} pro {_n(record['au_pro'])} "
+                  f"image {_n(record['image_auroc'])} (max {_n(record['image_auroc_max'])}) F1 {_n(record['pixel_f1'])}/"
+                  f"{_n(record['pixel_f1_max'])} acc {_n(record['image_accuracy'])}/{_n(record['image_accuracy_best'])} "
+                  f"fit {record['fit_minutes']:.1f} min eval {record['eval_minutes']:.1f} min "
+                  f"fidelity {_n(record['fidelity_corr'], 2)}", flush=True)
+    order = {name: i for i, name in enumerate(("magnetic_tile",) + PIPED_TYPES)}
+    results.sort(key=lambda r: (order.get(r["dataset"], 99), r["method"]))
     table = markdown_table(results, machine())
     (args.output / "results.md").write_text(table + "\n")
     print(table)
