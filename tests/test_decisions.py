@@ -11,7 +11,7 @@ from ssimae.config import Config
 from ssimae.detector import Detector, choose_thresholds
 from ssimae.overlay import PANEL_MAX_SIDE, PANEL_MIN_SIDE, panel_size, verdict_overlay
 from ssimae.scoring import image_score
-from ssimae.threshold import drop_small_regions, fpr_threshold, images_needed, rate_threshold
+from ssimae.threshold import drop_small_regions, fpr_threshold, image_threshold, images_needed, rate_threshold
 
 
 # --------------------------------------------------------------------------- image scores, by hand
@@ -65,8 +65,18 @@ def test_too_few_validation_images_warn_with_the_number_needed(caplog):
     with caplog.at_level("WARNING"):
         thresholds = choose_thresholds(maps, Config(image_fpr=0.05))
     assert "5 validation image(s) cannot resolve" in caplog.text and "at least 20" in caplog.text
-    assert thresholds.image == pytest.approx(max(m.max() for m in maps))  # the only choice left
+    assert thresholds.image >= max(m.max() for m in maps) and "normal fit" in thresholds.image_rule
     assert images_needed(0.05) == 20 and images_needed(0.1) == 10 and images_needed(0.3) == 4
+
+
+def test_image_threshold_from_few_images_is_a_normal_quantile_and_never_below_their_maximum():
+    scores = np.array([1.0, 2.0, 3.0, 4.0])  # mean 2.5, sample std 1.291
+    threshold, how = image_threshold(scores, 0.05)
+    assert threshold == pytest.approx(2.5 + 1.6449 * 1.2910, abs=1e-3) and "normal fit" in how
+    assert image_threshold(np.array([1.0] * 9 + [2.0]), 0.05)[0] == 2.0  # the fit (1.62) would fall below 2
+    many = np.random.default_rng(0).normal(0, 1, 1000)
+    threshold, how = image_threshold(many, 0.05)
+    assert how == "empirical quantile" and (many > threshold).mean() <= 0.05
 
 
 # --------------------------------------------------------------------------- masks and verdicts

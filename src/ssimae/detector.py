@@ -32,7 +32,7 @@ from .devices import resolve_device, resolve_precision
 from .errors import SettingError, SsimaeError
 from .inference import PatchFn, sliding_window, smooth_map, torch_patch_fn
 from .scoring import image_score
-from .threshold import (EIGHT_CONNECTED, choose_threshold, drop_small_regions, images_needed, rate_threshold,
+from .threshold import (EIGHT_CONNECTED, choose_threshold, drop_small_regions, image_threshold, images_needed,
                         validation_figures)
 from .losses import SsimSettings
 from .methods import METHODS
@@ -115,16 +115,16 @@ def choose_thresholds(maps: list[np.ndarray], config: Config) -> Thresholds:
     with what they achieve on those images. Warns when there are too few images for the image rule."""
     pixel, pixel_rule = choose_threshold(maps, config.threshold_rule, config.threshold_fpr, config.min_defect_area)
     scores = np.array([image_score(m, config.image_score, config.image_score_fraction) for m in maps])
-    image = rate_threshold(scores, config.image_fpr)
+    image, how = image_threshold(scores, config.image_fpr)
     needed = images_needed(config.image_fpr)
     if len(maps) < needed:
-        log.warning("%d validation image(s) cannot resolve an image false-alarm rate of %g: the image threshold is "
-                    "their highest score, and good images will be flagged more often; use at least %d validation "
-                    "images (more train/good images, a validation/good folder, or a larger --val-fraction)",
+        log.warning("%d validation image(s) cannot resolve an image false-alarm rate of %g, so the image threshold "
+                    "comes from a normal fit to their scores; use at least %d validation images for a measured one "
+                    "(more train/good images, a validation/good folder, or a larger --val-fraction)",
                     len(maps), config.image_fpr, needed)
     validation = validation_figures(maps, pixel, config.min_defect_area, scores, image)
     return Thresholds(pixel, pixel_rule, image, f"image false-alarm rate {config.image_fpr:g} on "
-                      f"{len(maps)} validation images ({config.image_score} score)", validation)
+                      f"{len(maps)} validation images ({config.image_score} score, {how})", validation)
 
 
 # --------------------------------------------------------------------------- building

@@ -12,6 +12,7 @@ is defective when its image score is strictly greater than the image threshold. 
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 from scipy import ndimage
@@ -96,6 +97,21 @@ def choose_threshold(maps: list[np.ndarray], rule: str, fpr: float, min_defect_a
     if rule == "min-area":
         return min_area_threshold(maps, min_defect_area), f"min defect area {min_defect_area} px on validation images"
     raise SsimaeError(f"threshold rule {rule!r} is not pixel-fpr or min-area")
+
+
+def image_threshold(scores: np.ndarray, rate: float) -> tuple[float, str]:
+    """(image threshold, how it was set) for a false-alarm rate on defect-free validation image scores.
+
+    With at least images_needed(rate) images: the empirical quantile (rate_threshold). With fewer,
+    the empirical quantile would be the highest score, and about 1 / (n + 1) of new good images
+    would score above it; the threshold is then the (1 - rate) quantile of a normal distribution
+    fitted to the scores, or their maximum if that is higher.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) >= images_needed(rate) or len(scores) < 2:
+        return rate_threshold(scores, rate), "empirical quantile"
+    fitted = float(scores.mean() + NormalDist().inv_cdf(1 - rate) * scores.std(ddof=1))
+    return max(fitted, float(scores.max())), "normal fit (too few images for the empirical quantile)"
 
 
 def images_needed(rate: float) -> int:

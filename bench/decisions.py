@@ -1,0 +1,100 @@
+"""Offline comparison of image scores and threshold rules on the maps bench/quality.py saved.
+
+For every saved run (OUTPUT/maps/<data set>-<method>.npz: test maps, masks, validation maps) it
+prints, without refitting anything:
+  * image AUROC of each image-score candidate, beside the map maximum's;
+  * pixel F1 at a threshold chosen on the validation maps by each pixel-FPR target, beside F1-max;
+  * image accuracy and share of good images flagged at each image false-alarm target.
+The defaults of ssimae (threshold_fpr, image_score, image_fpr) are chosen from this table
+(bench/README.md says which figures decided them).
+
+    python bench/decisions.py [--maps bench/results/quality/maps] [--json decisions.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ssimae.metrics import best_accuracy, f1_max, image_auroc
+from ssimae.scoring import image_score
+from ssimae.threshold import drop_small_regions, fpr_threshold, rate_threshold
+
+ROOT = Path(__file__).resolve().parents[1]
+SCORES = {"max": ("max", 0.0), "top-mean 0.1%": ("top-mean", 0.001), "top-mean 0.5%": ("top-mean", 0.005),
+          "top-mean 1%": ("top-mean", 0.01), "top-mean 2%": ("top-mean", 0.02), "top-mean 5%": ("top-mean", 0.05)}
+PIXEL_FPRS = (0.001, 0.003, 0.01, 0.03)
+IMAGE_FPRS = (0.01, 0.05, 0.1)
+MIN_AREA = 25
+
+
+def load(path: Path) -> dict:
+    with np.load(path) as data:
+        count = sum(1 for k in data.files if k.startswith("test_"))
+        val = sum(1 for k in data.files if k.startswith("val_"))
+        return {"test": [data[f"test_{i}"].astype(np.float32) for i in range(count)],
+                "masks": [data[f"mask_{i}"] for i in range(count)],
+                "val": [data[f"val_{i}"].astype(np.float32) for i in range(val)],
+                "kinds": data["kinds"].tolist()}
+
+
+def pixel_f1(maps, masks, threshold: float) -> float:
+    tp = fp = fn = 0
+    for amap, truth in zip(maps, masks):
+        predicted = drop_small_regions(amap > threshold, MIN_AREA)
+        tp += int(np.count_nonzero(predicted & truth))
+        fp += int(np.count_nonzero(predicted & ~truth))
+        fn += int(np.count_nonzero(~predicted & truth))
+    return 2 * tp / max(1, 2 * tp + fp + fn)
+
+
+def analyse(run: dict) -> dict:
+    labels = np.array([m.any() for m in run["masks"]])
+    out = {"images": len(labels), "validation_images": len(run["val"]), "image_auroc": {}, "pixel": {}, "image": {}}
+    for name, (kind, fraction) in SCORES.items():
+        scores = np.array([image_score(m, kind, fraction or 0.01) for m in run["test"]])
+        out["image_auroc"][name] = image_auroc(scores, labels)
+        val_scores = np.array([image_score(m, kind, fraction or 0.01) for m in run["val"]])
+        for rate in IMAGE_FPRS:
+            threshold = rate_threshold(val_scores, rate)
+            verdicts = scores > threshold
+            out["image"][f"{name} @ {rate}"] = {"accuracy": float(np.mean(verdicts == labels)),
+                                                "good_flagged": float(verdicts[~labels].mean()),
+                                                "best": best_accuracy(scores, labels)["accuracy"]}
+    out["pixel"]["f1_max"] = f1_max(run["test"], run["masks"])[0]
+    for fpr in PIXEL_FPRS:
+        out["pixel"][f"f1 @ fpr {fpr}"] = pixel_f1(run["test"], run["masks"], fpr_threshold(run["val"], fpr))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--maps", type=Path, default=ROOT / "bench" / "results" / "quality" / "maps")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
+    args = parser.parse_args()
+    files = sorted(args.maps.glob("*.npz"))
+    if not files:
+        sys.exit(f"decisions.py: no saved maps in {args.maps}; run bench/quality.py first")
+    everything = {}
+    for path in files:
+        result = analyse(load(path))
+        everything[path.stem] = result
+        aurocs = " ".join(f"{k.replace('top-mean ', 't')}={v:.3f}" for k, v in result["image_auroc"].items())
+        pixels = " ".join(f"{k.replace('f1 @ fpr ', 'fpr')}={v:.3f}" for k, v in result["pixel"].items())
+        print(f"{path.stem:32s} image AUROC {aurocs}\n{'':32s} pixel F1 {pixels}", flush=True)
+        for name in ("max", "top-mean 1%"):
+            row = " ".join(f"@{rate}: acc {result['image'][f'{name} @ {rate}']['accuracy']:.3f} good "
+                           f"{result['image'][f'{name} @ {rate}']['good_flagged']:.2f}" for rate in IMAGE_FPRS)
+            print(f"{'':32s} {name:12s} {row} (best {result['image'][f'{name} @ 0.05']['best']:.3f}, "
+                  f"{result['validation_images']} validation images)")
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
