@@ -130,9 +130,9 @@ def choose_thresholds(maps: list[np.ndarray], config: Config) -> Thresholds:
 # --------------------------------------------------------------------------- building
 
 
-def reconstruction_map_fn(patch_fn: PatchFn, config: Config) -> MapFn:
+def reconstruction_map_fn(patch_fn: PatchFn, config: Config, device: torch.device | str = "cpu") -> MapFn:
     def map_fn(image: np.ndarray) -> np.ndarray:
-        return sliding_window(image, patch_fn, config.patch_size, config.stride, config.infer_batch_size)[0]
+        return sliding_window(image, patch_fn, config.patch_size, config.stride, config.infer_batch_size, device)[0]
 
     return map_fn
 
@@ -175,10 +175,10 @@ def torch_detector(checkpoint: Checkpoint, device: torch.device, config: Config 
                                  precision=config.precision)
 
         def reconstruct(image: np.ndarray) -> np.ndarray:
-            return sliding_window(image, rebuild, config.patch_size, config.stride, config.infer_batch_size)
+            return sliding_window(image, rebuild, config.patch_size, config.stride, config.infer_batch_size, device)
 
-        return Detector(config, reconstruction_map_fn(patch_fn, config), checkpoint.thresholds, checkpoint.channels,
-                        reconstruct)
+        return Detector(config, reconstruction_map_fn(patch_fn, config, device), checkpoint.thresholds,
+                        checkpoint.channels, reconstruct)
     bf16 = resolve_precision(config.precision, device, "infer") == "bf16"
 
     @torch.inference_mode()

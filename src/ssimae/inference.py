@@ -47,30 +47,34 @@ def sliding_window(
     patch_size: int,
     stride: int,
     batch_size: int = 64,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Apply patch_fn to every window of an (H, W, C) image and average: (K, H, W) float32.
 
     Images smaller than the patch are reflect-padded at the bottom/right and the result cropped.
+    The image is moved to `device` once; windows are cut and their outputs added up there, so on a
+    GPU only the finished map comes back (one synchronisation per image, not per batch).
     """
     height, width = image.shape[:2]
+    device = torch.device(device)
     padded = pad_to_min_size(image, patch_size)
-    tensor = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)  # (C, H', W')
+    tensor = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1).to(device)  # (C, H', W')
     ys = window_starts(tensor.shape[1], patch_size, stride)
     xs = window_starts(tensor.shape[2], patch_size, stride)
     positions = [(y, x) for y in ys for x in xs]
-    total: np.ndarray | None = None
+    total: torch.Tensor | None = None
     for first in range(0, len(positions), batch_size):
         chunk = positions[first : first + batch_size]
         patches = torch.stack([tensor[:, y : y + patch_size, x : x + patch_size] for y, x in chunk])  # (N, C, P, P)
-        outputs = patch_fn(patches).float().cpu().numpy()  # (N, K, P, P)
+        outputs = patch_fn(patches).float().to(device)  # (N, K, P, P)
         if total is None:
-            total = np.zeros((outputs.shape[1],) + tensor.shape[1:], dtype=np.float32)  # (K, H', W')
+            total = torch.zeros((outputs.shape[1],) + tuple(tensor.shape[1:]), dtype=torch.float32, device=device)
         for (y, x), output in zip(chunk, outputs):
             total[:, y : y + patch_size, x : x + patch_size] += output
     # The window count at (y, x) is the product of the per-axis counts: divide in place, no H x W temp.
-    total /= coverage(tensor.shape[1], patch_size, stride)[None, :, None]
-    total /= coverage(tensor.shape[2], patch_size, stride)[None, None, :]
-    return total[:, :height, :width]
+    total /= torch.from_numpy(coverage(tensor.shape[1], patch_size, stride)).to(device)[None, :, None]
+    total /= torch.from_numpy(coverage(tensor.shape[2], patch_size, stride)).to(device)[None, None, :]
+    return total[:, :height, :width].cpu().numpy()
 
 
 def torch_patch_fn(
