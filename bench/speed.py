@@ -13,6 +13,7 @@ Sections
     infer    inference patches/s (model + residual map): torch NHWC, torch NCHW, ONNX Runtime, reference
     predict  ms per 1024x1024 gray image: --image-size 256 at stride 30, and full size at stride 30
     folder   images/s over a folder of 1024x1024 PNGs (--image-size 256, stride 30), I/O overlapped or not
+    load     peak RSS and time of `ssimae predict` on 2,000 small images in one process
     memory   peak RSS of `ssimae predict` on one 8192x8192 gray image at full size (stride 128: memory does
              not depend on the stride, time does), and on a 1024x1024 image, each in a fresh subprocess
 
@@ -51,7 +52,7 @@ from ssimae.losses import SsimSettings, l2_loss, make_loss  # noqa: E402
 from ssimae.models import ConvAutoencoder, build_model  # noqa: E402
 from ssimae.train import patch_batches, train_one_epoch  # noqa: E402
 
-SECTIONS = ("machine", "ssim", "train", "infer", "predict", "folder", "memory")
+SECTIONS = ("machine", "ssim", "train", "infer", "predict", "folder", "memory", "load")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -499,6 +500,25 @@ def section_memory(ctx: dict, workdir: Path, backends: tuple[str, ...]) -> dict:
     return results
 
 
+def section_load(ctx: dict, workdir: Path, count: int) -> dict:
+    """`ssimae predict` on a folder of many small images, in a fresh process: peak RSS and time (memory
+    must not grow with the number of images: scores.csv is written as images finish)."""
+    print(f"\n== load: `ssimae predict` on {count} PNGs of 128x128 gray, one process ({load()})")
+    checkpoint = write_checkpoint(workdir / "checkpoint-load.pt", Config(latent_dim=100, stride=30, infer_batch_size=64))
+    folder = workdir / "load"
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        Image.fromarray(texture(128, 128, i)).save(folder / f"{i:05d}.png")
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(checkpoint), str(folder), str(workdir / "loadout"),
+                          "torch"], capture_output=True, text=True, check=True)
+    rc, peak, seconds = out.stdout.split()[-3:]
+    rows = sum(1 for _ in open(workdir / "loadout" / "scores.csv")) - 1
+    row(f"{count} images, exit {rc}, {rows} rows in scores.csv", f"{float(peak):.0f} MB",
+        f"{float(seconds):.0f} s, {count / float(seconds):.1f} images/s")
+    print(f"  ({load()})")
+    return {"peak_mb": float(peak), "seconds": float(seconds)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -509,6 +529,7 @@ def main(argv=None) -> int:
     parser.add_argument("--infer-batch", type=int, default=128)
     parser.add_argument("--folder-images", type=int, help="images in the folder section (default 100, quick 20)")
     parser.add_argument("--memory-backends", default="torch", help="torch,onnxruntime")
+    parser.add_argument("--load-images", type=int, default=2000, help="images in the load section")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with process CPU time instead of wall time (use with --threads 1 on a busy machine)")
     args = parser.parse_args(argv)
@@ -544,6 +565,8 @@ def main(argv=None) -> int:
             section_folder(ctx, 1, folder_images, work)
         if "memory" in sections:
             section_memory(ctx, work, tuple(args.memory_backends.split(",")))
+        if "load" in sections:
+            section_load(ctx, work, args.load_images)
     start_rate = ctx["start_gflops"]
     print(f"\nmatmul rate: {start_rate:.1f} GFLOP/s at the start, {matmul_gflops():.1f} at the end, best seen "
           f"{ctx['gflops']:.1f} (the fractions above use the best seen up to their section); "
