@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, list_images, read_image, to_color
-from .detector import Detector, Prediction
+from .detector import Detector, Prediction, load_detector  # noqa: F401  (load_detector: the 0.1.0 import path)
 from .distributed import Rank, barrier, gather, shard
 from .errors import SsimaeError
 from .overlay import verdict_overlay
