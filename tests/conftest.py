@@ -104,6 +104,17 @@ def tmp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.fixture
+def restore_logging():
+    """cli.main() points the 'ssimae' logger at the test's captured stderr; undo that afterwards."""
+    import logging
+
+    logger = logging.getLogger("ssimae")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _few_validation_patches():
     """Training computes a validation loss on 256 fixed patches per epoch: seconds of CPU per fit

@@ -26,12 +26,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() points the 'ssimae' logger at this test's captured stderr; undo that for later tests."""
-    logger = logging.getLogger("ssimae")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+def _restore_logging(restore_logging):
+    """main() points the 'ssimae' logger at this test's captured stderr; conftest undoes that."""
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import shutil
 import struct
@@ -28,12 +27,8 @@ from ssimae.train import fit
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() points the 'ssimae' logger at this test's captured stderr; undo that for later tests."""
-    logger = logging.getLogger("ssimae")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+def _restore_logging(restore_logging):
+    """main() points the 'ssimae' logger at this test's captured stderr; conftest undoes that."""
 
 
 def one_line_error(capsys, args) -> str:

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, list_images, read_image, to_color
+from .data import IMAGE_EXTENSIONS, list_images, read_image
 from .detector import Detector, Prediction, load_detector  # noqa: F401  (load_detector: the 0.1.0 import path)
 from .distributed import Rank, barrier, gather, shard
 from .errors import SsimaeError
