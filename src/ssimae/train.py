@@ -331,7 +331,8 @@ def fit_memory(config: Config, images: list[np.ndarray], channels: int, device: 
     else:
         network = build_network(config, channels)
     seconds = time.monotonic() - started
-    return Checkpoint(config, channels, network.state_dict(), training=TrainingState(0, 0, seconds, False))
+    weights = {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}  # CPU: broadcastable
+    return Checkpoint(config, channels, weights, training=TrainingState(0, 0, seconds, False))
 
 
 def train_network(config: Config, images: list[np.ndarray], split, channels: int, device: torch.device,
