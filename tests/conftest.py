@@ -87,16 +87,17 @@ def build_mvtec(root: Path, seed: int = 0, train_sizes=TRAIN_SIZES, good_sizes=G
 
 
 def tiny_config(**overrides) -> Config:
-    """Settings for a seconds-long CPU training: 2 steps of 4 patches, small latent, coarse stride."""
+    """Settings for a seconds-long CPU training: 2 steps of 4 patches, small latent, coarse stride, and
+    no L2 warm-up, so that the steps train with the method's own loss."""
     values = dict(max_steps=2, batch_size=4, patches_per_epoch=8, latent_dim=8, infer_batch_size=8, stride=64,
-                  device="cpu")
+                  device="cpu", l2_warmup_steps=0)
     values.update(overrides)
     return Config(**values)
 
 
 # Flags equivalent to tiny_config() for `ssimae train`.
 TINY_FLAGS = ["--max-steps", "2", "--batch-size", "4", "--patches-per-epoch", "8", "--latent-dim", "8",
-              "--infer-batch-size", "8", "--stride", "64", "--device", "cpu", "--quiet"]
+              "--infer-batch-size", "8", "--stride", "64", "--device", "cpu", "--l2-warmup-steps", "0", "--quiet"]
 
 
 def tmp_files(folder: Path) -> list[Path]:

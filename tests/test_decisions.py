@@ -173,3 +173,17 @@ def test_verdict_overlay_has_three_panels_a_caption_and_the_contour_in_red():
     assert red.any() and not red[:height // 3].any()  # a contour around the defect only
     caption = overlay[: overlay.shape[0] - height]
     assert (caption[:, :, 0] > caption[:, :, 1] + 100).any()  # red caption text for a defective verdict
+
+
+def test_image_score_defaults_to_the_methods_own():
+    """Unset, PatchCore scores images by the top-1% mean and the others by the map maximum; set, it is
+    what was set; the paper preset keeps MVTec's maximum; a bad name is refused by name."""
+    from ssimae.config import config_from_dict, preset_config
+    from ssimae.errors import SettingError
+
+    assert Config(method="patchcore").image_score_kind == "top-mean"
+    assert [Config(method=m).image_score_kind for m in ("ssim-ae", "l2-ae", "vae", "fm-ae", "blur")] == ["max"] * 5
+    assert Config(method="patchcore", image_score="max").image_score_kind == "max"
+    assert config_from_dict({"method": "patchcore"}, preset_config("paper")).image_score_kind == "max"
+    with pytest.raises(SettingError, match="image_score 'median'"):
+        Config(image_score="median").validate()

@@ -196,8 +196,19 @@ def test_package_model_and_residual_equal_the_plain_eager_reference(reference):
 def test_precision_resolution():
     assert resolve_precision("auto", "cpu") == resolve_precision("auto", "cpu", "train") == "fp32"
     assert resolve_precision("auto", "cuda") == resolve_precision("auto", "cuda:1", "infer") == "bf16"
-    assert resolve_precision("auto", "cuda", "train") == "fp32"  # measured faster for training (devices.py)
+    assert resolve_precision("auto", "cuda", "train") == "tf32"  # measured fastest for training (devices.py)
     assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu", "train") == "bf16"
+    assert resolve_precision("tf32", "cuda", "train") == "tf32"
+
+
+def test_tf32_switches_are_restored():
+    from ssimae.devices import tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32(not before[0]):
+        assert torch.backends.cuda.matmul.allow_tf32 is (not before[0])
+        assert torch.backends.cudnn.allow_tf32 is (not before[0])
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     with pytest.raises(Exception, match="precision"):
         resolve_precision("fp16", "cpu")
 

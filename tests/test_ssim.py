@@ -173,3 +173,19 @@ def test_training_after_inference_mode_works():
     ssim_loss(x, torch.rand(shape)).backward()
     ssim_loss(x, torch.rand(shape), gamma=0.5).backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_data_range_scales_the_constants_as_skimage_does():
+    """data_range L is the L of C1 = (0.01 L)^2, C2 = (0.03 L)^2: SSIM of (x, y) at range L equals SSIM of
+    (x / L, y / L) at range 1, and matches skimage's data_range; low-contrast images score lower with a
+    small L (the constants no longer dominate their variances)."""
+    a, b = _pair((40, 50))
+    a, b = 0.4 + 0.1 * a, 0.4 + 0.1 * b  # low contrast: intensities within [0.4, 0.5]
+    ours = ssim_map(_nchw(a), _nchw(b), data_range=0.1)[0, 0].numpy()
+    scaled = ssim_map(_nchw(a / 0.1), _nchw(b / 0.1))[0, 0].numpy()
+    np.testing.assert_allclose(ours, scaled, atol=1e-5)
+    _, reference = structural_similarity(a.astype(np.float64), b.astype(np.float64), gaussian_weights=True, sigma=1.5,
+                                         use_sample_covariance=False, data_range=0.1, full=True)
+    crop = (slice(BORDER, -BORDER), slice(BORDER, -BORDER))
+    np.testing.assert_allclose(ours[crop], reference[crop], atol=1e-4)
+    assert ours[crop].mean() < ssim_map(_nchw(a), _nchw(b))[0, 0].numpy()[crop].mean() - 0.1

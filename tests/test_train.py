@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,7 +15,7 @@ from conftest import tiny_config, tmp_files
 
 import ssimae
 from ssimae.checkpoint import FORMAT, SCHEMA, Checkpoint
-from ssimae.config import load_config
+from ssimae.config import Config, config_from_dict, load_config, preset_config
 from ssimae.errors import SsimaeError
 from ssimae.models import build_model
 from ssimae.train import fit
@@ -78,7 +79,8 @@ def test_checkpoints_of_version_0_1_0_still_load(checkpoint_path, tmp_path):
            "history": []}
     torch.save(old, tmp_path / "old.pt")
     loaded = Checkpoint.load(tmp_path / "old.pt")
-    assert loaded.config == new.config and loaded.thresholds.pixel == 0.25 and loaded.training.step == 2
+    assert loaded.config == dataclasses.replace(new.config, image_score="max")  # 0.1.0 scored images by the maximum
+    assert loaded.thresholds.pixel == 0.25 and loaded.training.step == 2
 
 
 def test_max_steps_resume_and_reproducibility(trained_run, mvtec_root, tmp_path):
@@ -187,6 +189,15 @@ def test_l2_warmup_trains_with_the_l2_loss_then_switches(mvtec_root, tmp_path):
     partly = losses("ssim-ae", 1, "warm-one")
     assert partly[0] == pytest.approx(l2[0], rel=1e-6)
     assert partly[1] != pytest.approx(l2[1], rel=1e-3)
+
+
+def test_l2_warmup_defaults_to_the_methods_own():
+    """Unset, the warm-up is the method's (100 steps for ssim-ae only); set, it is what was set; the paper
+    preset has none."""
+    assert Config(method="ssim-ae").warmup_steps == 100
+    assert [Config(method=m).warmup_steps for m in ("l2-ae", "vae", "fm-ae", "patchcore", "blur")] == [0] * 5
+    assert Config(method="ssim-ae", l2_warmup_steps=7).warmup_steps == 7
+    assert config_from_dict({"method": "ssim-ae"}, preset_config("paper")).warmup_steps == 0
 
 
 def test_presets_reach_the_run_under_yaml_and_flags(mvtec_root, tmp_path):

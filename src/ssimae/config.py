@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .devices import PRECISIONS
 from .errors import SettingError, SsimaeError
 from .files import atomic_write_text
 from .methods import METHODS
@@ -27,16 +28,25 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHOD_NAMES,
     "color": ("gray", "rgb"),
     "rotate": ("none", "90", "any"),
-    "precision": ("auto", "fp32", "bf16"),
+    "precision": PRECISIONS,
     "threshold_rule": ("pixel-fpr", "min-area"),
     "image_score": IMAGE_SCORES,
 }
 # The map smoothing of each method when map_smoothing is not set: PatchCore's paper smooths with
 # sigma 4; the blur floor is defined with sigma 2 (README); the autoencoders' maps are not smoothed.
 METHOD_SMOOTHING = {"patchcore": 4.0, "blur": 2.0}
+# The L2 warm-up of each method when l2_warmup_steps is not set. SSIM training starts on a plateau
+# where the output is flat (on magnetic_tile fidelity ~0 for 450 steps, then 0.96 by step 1,000);
+# 100 L2 steps start it past the plateau (fidelity 0.91 after 400 steps). bench/README.md.
+METHOD_WARMUP = {"ssim-ae": 100}
+# The image score of each method when image_score is not set (the others: the map's maximum). PatchCore's
+# top-1% mean ranked magnetic_tile's images better than its maximum (bench/README.md, issue 9).
+METHOD_IMAGE_SCORE = {"patchcore": "top-mean"}
 # The working size of each method when image_size is not set (the others keep each image's size):
 # PatchCore's features were measured best on magnetic_tile with images resized to 256x256 (bench/README.md).
 METHOD_IMAGE_SIZE = {"patchcore": "256x256"}
+# Enumerated settings that may be left empty for the method's own default.
+METHOD_DEFAULTED = ("image_score",)
 # Settings that may differ at inference time from training (predict/evaluate flags).
 INFERENCE_SETTINGS = ("stride", "infer_batch_size", "device", "precision", "max_image_pixels")
 
@@ -45,7 +55,7 @@ INFERENCE_SETTINGS = ("stride", "infer_batch_size", "device", "precision", "max_
 # short CPU budgets (README, Results): an L2 warm-up against the flat-output state of SSIM training,
 # and a sigma-2 Gaussian on the maps.
 PRESETS: dict[str, dict] = {
-    "paper": {"threshold_rule": "min-area", "image_score": "max"},
+    "paper": {"threshold_rule": "min-area", "image_score": "max", "l2_warmup_steps": 0},
     "tuned": {"l2_warmup_steps": 100, "map_smoothing": 2.0},
 }
 
@@ -72,7 +82,7 @@ class Config:
     weight_decay: float = 1e-5
     max_steps: int | None = None  # stop after this many optimiser steps
     max_minutes: float | None = None  # stop after this much wall-clock training time
-    l2_warmup_steps: int = 0  # train the first steps with an L2 loss (0 = off, as in the paper)
+    l2_warmup_steps: int | None = None  # train the first steps with an L2 loss; empty = the method's (100 ssim-ae, else 0; paper: 0)
     seed: int = 0
     # --- losses
     ssim_window: int = 11  # Gaussian window side
@@ -80,6 +90,7 @@ class Config:
     ssim_alpha: float = 1.0  # exponents of luminance, contrast, structure
     ssim_beta: float = 1.0
     ssim_gamma: float = 1.0
+    ssim_data_range: float = 1.0  # L of the SSIM constants (0.01 L)^2, (0.03 L)^2: the span of the intensities
     vae_beta: float = 1.0  # weight of the KL term
     fm_lambda: float = 1.0  # weight of the feature-matching term
     feature_net: str = "efficientnet-lite0"  # or a torchvision model name with feature_weights
@@ -99,16 +110,26 @@ class Config:
     threshold_rule: str = "pixel-fpr"  # pixel-fpr | min-area: how the pixel threshold is chosen on validation images
     threshold_fpr: float = 0.01  # pixel-fpr rule: share of validation pixels allowed above the threshold
     min_defect_area: int = 25  # smallest defect in pixels: smaller mask regions are dropped; the min-area rule keeps validation blobs below it
-    image_score: str = "max"  # max | top-mean: how a map becomes one image score
+    image_score: str | None = None  # max | top-mean: how a map becomes one image score; empty = the method's (top-mean patchcore, else max)
     image_score_fraction: float = 0.01  # top-mean: share of the map's pixels averaged
     image_fpr: float = 0.05  # share of defect-free validation images allowed above the image threshold
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16: auto = bf16 autocast (+ channels_last) on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto | fp32 | tf32 | bf16: auto = TF32 training and bf16 inference on CUDA, fp32 on CPU
 
     @property
     def resize(self) -> int | tuple[int, int] | None:
         """The parsed image_size (or the method's default): None, a shorter side, or (width, height)."""
         return parse_image_size(METHOD_IMAGE_SIZE.get(self.method) if self.image_size is None else self.image_size)
+
+    @property
+    def image_score_kind(self) -> str:
+        """image_score, or the method's own default when it is not set."""
+        return METHOD_IMAGE_SCORE.get(self.method, "max") if self.image_score is None else self.image_score
+
+    @property
+    def warmup_steps(self) -> int:
+        """l2_warmup_steps, or the method's own default when it is not set."""
+        return METHOD_WARMUP.get(self.method, 0) if self.l2_warmup_steps is None else self.l2_warmup_steps
 
     @property
     def smoothing(self) -> float:
@@ -123,7 +144,7 @@ class Config:
     def validate(self) -> "Config":
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
-            if value not in allowed:
+            if value not in allowed and not (value is None and name in METHOD_DEFAULTED):
                 raise SettingError(name, f"{name} {value!r} is not one of {', '.join(allowed)}")
         if self.patch_size not in (128, 256):
             raise SettingError("patch_size", f"patch size {self.patch_size} is not supported; use 128 or 256")
@@ -152,6 +173,7 @@ class Config:
                     "ssim_beta": self.ssim_beta, "ssim_gamma": self.ssim_gamma, "blur_sigma": self.blur_sigma}
         if self.max_minutes is not None:
             positive["max_minutes"] = self.max_minutes
+        positive["ssim_data_range"] = self.ssim_data_range
         for name, value in positive.items():
             if not (math.isfinite(value) and value > 0):
                 raise SettingError(name, f"{name} must be a positive number, got {value}")

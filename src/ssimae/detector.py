@@ -46,7 +46,7 @@ GridFn = Callable[[torch.Tensor], torch.Tensor]  # (1, C, H, W) image -> (1, 1, 
 class Prediction(NamedTuple):
     anomaly_map: np.ndarray  # (H, W) float32 at the original image size
     mask: np.ndarray  # (H, W) bool: map > pixel threshold, regions under min_defect_area dropped
-    score: float  # image score (config.image_score of the map)
+    score: float  # image score (config.image_score_kind of the map)
     defective: bool  # the verdict: score > image threshold (without one: the mask has a region)
     regions: int  # connected regions of the mask
 
@@ -86,7 +86,7 @@ class Detector:
         return self.thresholds.image if self.thresholds else None
 
     def image_score(self, amap: np.ndarray) -> float:
-        return image_score(amap, self.config.image_score, self.config.image_score_fraction)
+        return image_score(amap, self.config.image_score_kind, self.config.image_score_fraction)
 
     def decide(self, amap: np.ndarray, threshold: float | None = None) -> Prediction:
         """The mask, score and verdict of an anomaly map. `threshold` replaces the pixel threshold
@@ -114,7 +114,7 @@ def choose_thresholds(maps: list[np.ndarray], config: Config) -> Thresholds:
     """Pixel and image thresholds from the maps of defect-free validation images (threshold.py rules),
     with what they achieve on those images. Warns when there are too few images for the image rule."""
     pixel, pixel_rule = choose_threshold(maps, config.threshold_rule, config.threshold_fpr, config.min_defect_area)
-    scores = np.array([image_score(m, config.image_score, config.image_score_fraction) for m in maps])
+    scores = np.array([image_score(m, config.image_score_kind, config.image_score_fraction) for m in maps])
     image, how = image_threshold(scores, config.image_fpr)
     needed = images_needed(config.image_fpr)
     if len(maps) < needed:
@@ -124,7 +124,7 @@ def choose_thresholds(maps: list[np.ndarray], config: Config) -> Thresholds:
                     len(maps), config.image_fpr, needed)
     validation = validation_figures(maps, pixel, config.min_defect_area, scores, image)
     return Thresholds(pixel, pixel_rule, image, f"image false-alarm rate {config.image_fpr:g} on "
-                      f"{len(maps)} validation images ({config.image_score} score, {how})", validation)
+                      f"{len(maps)} validation images ({config.image_score_kind} score, {how})", validation)
 
 
 # --------------------------------------------------------------------------- building

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import SettingError
@@ -23,17 +25,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# What `--precision auto` runs, per device type and purpose. On CUDA, measured on an H200 (issue 11):
-# training steps ran faster in fp32 than under bf16 autocast (12,693 vs 10,076 patches/s: the small
-# net is bound by kernel launches, and autocast adds casts), inference faster in bf16 (114,130 vs
-# 94,783 patches/s). On CPU bf16 moves maps by up to 1e-2, so fp32 stays the default there.
-AUTO_PRECISION = {("cuda", "train"): "fp32", ("cuda", "infer"): "bf16"}
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+# What `--precision auto` runs, per device type and purpose. On CUDA, measured on an H100 (bench/gpu.py,
+# bench/README.md): ssim-ae training steps at batch 128 ran fastest with TF32 matrix products and
+# convolutions (12,538 patches/s against 9,553 fp32 and 10,705 under bf16 autocast: the small net is
+# bound by kernel launches, and autocast adds casts); inference ran fastest in bf16 (97,300 against
+# 81,268 fp32). On CPU bf16 moves maps by up to 1e-2 and TF32 does not exist, so fp32 stays there.
+AUTO_PRECISION = {("cuda", "train"): "tf32", ("cuda", "infer"): "bf16"}
 
 
 def resolve_precision(precision: str, device: torch.device | str, purpose: str = "infer") -> str:
     """'auto' -> the measured-fastest choice for the device and purpose ('train' or 'infer')."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise SettingError("precision", f"precision {precision!r} is not one of auto, fp32, bf16")
+    if precision not in PRECISIONS:
+        raise SettingError("precision", f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return AUTO_PRECISION.get((torch.device(device).type, purpose), "fp32")
     return precision
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 matrix products and convolutions on CUDA while inside (torch's process-wide switches), restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

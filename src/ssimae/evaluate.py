@@ -54,7 +54,7 @@ def metrics_of(test: TestMaps, detector: Detector, fpr_limit: float = 0.3, thres
     (or at `threshold`, a pixel threshold that replaces them)."""
     scores = [detector.image_score(m) for m in test.maps]
     result = {**evaluate_maps(test.maps, test.masks, fpr_limit, scores), **decision_figures(test, detector, threshold)}
-    result["image_score"] = detector.config.image_score
+    result["image_score"] = detector.config.image_score_kind
     good = [i for i, item in enumerate(test.items) if item.defect_type == "good"]
     per_type = {}
     for defect in sorted({item.defect_type for item in test.items} - {"good"}):

@@ -24,10 +24,12 @@ class SsimSettings(NamedTuple):
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 1.0
+    data_range: float = 1.0
 
     @classmethod
     def from_config(cls, config) -> "SsimSettings":
-        return cls(config.ssim_window, config.ssim_sigma, config.ssim_alpha, config.ssim_beta, config.ssim_gamma)
+        return cls(config.ssim_window, config.ssim_sigma, config.ssim_alpha, config.ssim_beta, config.ssim_gamma,
+                   config.ssim_data_range)
 
 
 def reconstruction(output) -> torch.Tensor:

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-C1 = 0.01**2  # (K1 L)^2 with L = 1 for images in [0, 1]
-C2 = 0.03**2  # (K2 L)^2
+K1, K2 = 0.01, 0.03  # Wang et al. 2004: C1 = (K1 L)^2, C2 = (K2 L)^2, C3 = C2 / 2, L the data range
+C1 = K1**2  # the constants for L = 1 (images in [0, 1])
+C2 = K2**2
 C3 = C2 / 2
 MATRIX_MAX_SIDE = 256  # up to this side a filter pass is a banded-matrix product, above it a 1-D conv
 
@@ -119,15 +120,24 @@ def _local_moments(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float):
     return mu_x + centre_x, mu_y + centre_y, var_x, var_y, cov
 
 
-def ssim_components(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> SsimComponents:
+def constants(data_range: float = 1.0) -> tuple[float, float, float]:
+    """C1, C2, C3 for images whose intensities span `data_range` (L in Wang et al. 2004)."""
+    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
+    return c1, c2, c2 / 2
+
+
+def ssim_components(
+    x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0
+) -> SsimComponents:
     """Luminance, contrast and structure maps per channel, (N, C, H, W) each."""
+    c1, c2, c3 = constants(data_range)
     mu_x, mu_y, var_x, var_y, cov = _local_moments(x, y, window, sigma)
     # Floor before the square root: sqrt'(0) is inf, which made gradients NaN on flat regions
     # (variance exactly 0). A 1e-6 standard deviation is far below float32 variance noise.
     sd_x, sd_y = var_x.clamp_min(1e-12).sqrt(), var_y.clamp_min(1e-12).sqrt()
-    luminance = (2 * mu_x * mu_y + C1) / (mu_x**2 + mu_y**2 + C1)
-    contrast = (2 * sd_x * sd_y + C2) / (var_x + var_y + C2)
-    structure = (cov + C3) / (sd_x * sd_y + C3)
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    contrast = (2 * sd_x * sd_y + c2) / (var_x + var_y + c2)
+    structure = (cov + c3) / (sd_x * sd_y + c3)
     return SsimComponents(luminance, contrast, structure)
 
 
@@ -139,19 +149,25 @@ def ssim_map(
     alpha: float = 1.0,
     beta: float = 1.0,
     gamma: float = 1.0,
+    data_range: float = 1.0,
 ) -> torch.Tensor:
-    """Per-pixel SSIM averaged over channels: (N, C, H, W) x2 -> (N, 1, H, W)."""
+    """Per-pixel SSIM averaged over channels: (N, C, H, W) x2 -> (N, 1, H, W).
+
+    data_range is L of the constants: 1 for the full [0, 1] range (the paper); the span of the
+    images' actual intensities makes the constants small against their local contrast.
+    """
     if x.shape != y.shape:
         raise ValueError(f"ssim_map needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
     if min(x.shape[-2:]) <= window // 2:
         raise ValueError(f"image {tuple(x.shape[-2:])} is too small for a {window}x{window} SSIM window")
     if alpha == beta == gamma == 1.0:
+        c1, c2, _ = constants(data_range)
         mu_x, mu_y, var_x, var_y, cov = _local_moments(x, y, window, sigma)
-        numerator = (2 * mu_x * mu_y + C1) * (2 * cov + C2)
-        denominator = (mu_x**2 + mu_y**2 + C1) * (var_x + var_y + C2)
+        numerator = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+        denominator = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
         per_channel = numerator / denominator
     else:
-        l, c, s = ssim_components(x, y, window, sigma)
+        l, c, s = ssim_components(x, y, window, sigma, data_range)
         # The structure term can be negative; a fractional exponent needs its sign kept.
         per_channel = l.pow(alpha) * c.pow(beta) * s.sign() * s.abs().pow(gamma)
     return per_channel.mean(dim=1, keepdim=True)

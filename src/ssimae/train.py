@@ -30,7 +30,7 @@ from .checkpoint import Checkpoint, TrainingState, build_network
 from .config import Config, save_config
 from .data import find_training_images, load_image, pad_to_min_size, sample_patches
 from .detector import choose_thresholds, torch_detector, validation_maps
-from .devices import resolve_device, resolve_precision
+from .devices import resolve_device, resolve_precision, tf32
 from .distributed import Rank, any_rank, barrier, broadcast, device_for, gather, launched, shard
 from .errors import SsimaeError
 from .files import output_folder, remove_stale_temps
@@ -364,7 +364,8 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
         VALIDATION_PATCHES, config.patch_size, np.random.default_rng([config.seed, 1]), rotate="none", flip=False,
     )
     del val_source
-    bf16 = resolve_precision(config.precision, device, "train") == "bf16"
+    precision = resolve_precision(config.precision, device, "train")
+    bf16 = precision == "bf16"
     micro = TRAIN_MICRO_BATCH if device.type == "cpu" else None
     state = checkpoint.training
     steps_per_epoch = math.ceil(config.patches_per_epoch / config.batch_size)
@@ -376,12 +377,12 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
     def out_of_time() -> bool:  # every process stops at the same step
         return any_rank(deadline is not None and time.monotonic() >= deadline, device)
 
-    with TrainingProgress(config, state.step, total_steps, deadline, progress) as bar:
+    with TrainingProgress(config, state.step, total_steps, deadline, progress) as bar, tf32(precision == "tf32"):
         while state.step < total_steps and not out_of_time():
             started = time.monotonic()
             epoch = itertools.islice(batches.epoch(state.epoch), min(steps_per_epoch, total_steps - state.step))
-            # An L2 warm-up (config.l2_warmup_steps) covers the first steps of the run, then the method's loss.
-            warmup = max(0, config.l2_warmup_steps - state.step)
+            # An L2 warm-up (config.warmup_steps) covers the first steps of the run, then the method's loss.
+            warmup = max(0, config.warmup_steps - state.step)
             run = lambda fn, source: train_one_epoch(trained, fn, optimizer, source, device, micro, bf16, bar,
                                                      out_of_time)
             warm_loss, warm_done = run(l2_loss, itertools.islice(epoch, warmup)) if warmup else (0.0, 0)
