@@ -72,7 +72,8 @@ def textures(count: int, side: int, seed: int = 0) -> list[np.ndarray]:
             .clip(0, 1).astype(np.float32)[:, :, None] for _ in range(count)]
 
 
-def section_step(device: torch.device, batches: tuple[int, ...], seconds: float, compile_modes: tuple[str, ...]):
+def section_step(device: torch.device, batches: tuple[int, ...], seconds: float, compile_modes: tuple[str, ...],
+                 compile_batch: int = 128):
     print("\n== step: one optimiser step on data already on the device, patches/s", flush=True)
     ssim = make_loss(Config())
     results = {}
@@ -97,15 +98,15 @@ def section_step(device: torch.device, batches: tuple[int, ...], seconds: float,
         torch.manual_seed(0)
         model = ConvAutoencoder(1, 100).to(device, memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), 2e-4)
-        x = torch.rand(batches[0], 1, 128, 128, device=device)
+        x = torch.rand(compile_batch, 1, 128, 128, device=device)
         compiled = torch.compile(model, mode=mode)
         started = time.perf_counter()
         train_one_epoch(compiled, ssim, optimizer, iter([x]), device)
         synchronize(device)
         compile_seconds = time.perf_counter() - started
-        value = rate(lambda: train_one_epoch(compiled, ssim, optimizer, iter([x]), device), batches[0], device, seconds)
+        value = rate(lambda: train_one_epoch(compiled, ssim, optimizer, iter([x]), device), compile_batch, device, seconds)
         results[("compile", mode)] = value
-        row(f"ssim-ae batch {batches[0]} nhwc fp32, torch.compile {mode}", f"{value:,.0f}",
+        row(f"ssim-ae batch {compile_batch} nhwc fp32, torch.compile {mode}", f"{value:,.0f}",
             f"compile {compile_seconds:.0f} s")
     return results
 
@@ -174,9 +175,9 @@ def section_predict(device: torch.device, count: int, side: int) -> float:
     return value
 
 
-def section_patchcore(device: torch.device) -> float | None:
-    if not MAGNETIC.is_dir():
-        print(f"\n== patchcore: {MAGNETIC} not found; skipped", flush=True)
+def section_patchcore(device: torch.device, data: Path) -> float | None:
+    if not data.is_dir():
+        print(f"\n== patchcore: {data} not found; skipped", flush=True)
         return None
     print("\n== patchcore: fit on magnetic_tile (features of 686 images + greedy coreset)", flush=True)
     from ssimae.config import config_from_dict
@@ -185,7 +186,7 @@ def section_patchcore(device: torch.device) -> float | None:
     with tempfile.TemporaryDirectory() as work:
         config = config_from_dict({"method": "patchcore", "device": str(device)}).validate()
         started = time.perf_counter()
-        fit(config, MAGNETIC, Path(work) / "run", progress=False)
+        fit(config, data, Path(work) / "run", progress=False)
         value = time.perf_counter() - started
     row("fit, threshold included", f"{value:.1f} s", "target < 30 s")
     return value
@@ -197,6 +198,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small batches and sizes: a smoke test of the script")
     parser.add_argument("--sections", default="step,sample,train,infer,predict,patchcore")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--compile-only", action="store_true", help="step section: only the torch.compile variants")
+    parser.add_argument("--seconds", type=float, default=None, help="timing window of each rate (default 3, quick 0.5)")
+    parser.add_argument("--magnetic-tile", type=Path, default=MAGNETIC, help="magnetic_tile's folder (patchcore)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -204,11 +208,11 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}")
     sections = args.sections.split(",")
-    seconds = 0.5 if args.quick else 3.0
+    seconds = args.seconds or (0.5 if args.quick else 3.0)
     batches = (8,) if args.quick else (128, 256, 512)
     compile_modes = () if args.no_compile or args.quick else ("reduce-overhead", "max-autotune")
     if "step" in sections:
-        section_step(device, batches, seconds, compile_modes)
+        section_step(device, () if args.compile_only else batches, seconds, compile_modes, batches[0])
     if "sample" in sections:
         section_sample(device, seconds, 8 if args.quick else 512)
     if "train" in sections:
@@ -218,7 +222,7 @@ def main() -> int:
     if "predict" in sections:
         section_predict(device, 2 if args.quick else 20, 256 if args.quick else 1024)
     if "patchcore" in sections and not args.quick:
-        section_patchcore(device)
+        section_patchcore(device, args.magnetic_tile)
     return 0
 
 

@@ -32,7 +32,8 @@ from ssimae.detector import load_detector
 from ssimae.evaluate import compute_test_maps, metrics_of
 from ssimae.files import json_safe
 from ssimae.methods import COMPARED
-from ssimae.train import fit
+from ssimae.checkpoint import Checkpoint
+from ssimae.train import TrainResult, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -67,16 +68,22 @@ def machine() -> str:
 
 
 def run_one(dataset: Path, method: str, preset: str | None, steps: int, minutes: float, overrides: dict,
-            run_dir: Path, maps_file: Path) -> dict:
+            run_dir: Path, maps_file: Path, trained: Path | None = None) -> dict:
     values = {"method": method, **overrides}
     if method not in ("patchcore", "blur"):
         values.update(max_steps=steps, max_minutes=minutes)
     config = config_from_dict(values, preset_config(preset)).validate()
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    started = time.monotonic()
-    result = fit(config, dataset, run_dir, progress=False)
-    fit_seconds = time.monotonic() - started
+    if trained is not None:  # fitted elsewhere (e.g. on a GPU): evaluate its checkpoint here
+        checkpoint = Checkpoint.load(trained)
+        result = TrainResult(trained, checkpoint.thresholds.pixel, checkpoint.training.step,
+                             checkpoint.training.seconds, checkpoint.history)
+        fit_seconds, config = checkpoint.training.seconds, checkpoint.config
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        started = time.monotonic()
+        result = fit(config, dataset, run_dir, progress=False)
+        fit_seconds = time.monotonic() - started
     detector = load_detector(result.checkpoint)
     started = time.monotonic()
     test = compute_test_maps(detector, dataset)
@@ -102,8 +109,13 @@ def run_one(dataset: Path, method: str, preset: str | None, steps: int, minutes:
         "fidelity_corr": last.get("fidelity_corr"),
         "detail_ratio": last.get("detail_ratio"),
         "settings": {**overrides, "preset": preset},
-        "image_score": config.image_score,
+        "image_score": config.image_score_kind,
+        "fitted_on": "GPU" if trained is not None or torch.cuda.is_available() else "CPU",
     }
+
+
+def gpu(record: dict) -> str:
+    return " (GPU)" if record.get("fitted_on") == "GPU" else ""
 
 
 def _n(value, digits: int = 3) -> str:
@@ -119,7 +131,7 @@ def markdown_table(results: list[dict], machine_text: str) -> str:
     for r in results:
         budget = f"{r['steps']} steps" if r["steps"] else "no training"
         lines.append(
-            f"| {r['dataset']} | {r['method']} | {budget} | {r['fit_minutes']:.1f} | {_n(r['pixel_auroc'])} | "
+            f"| {r['dataset']} | {r['method']} | {budget} | {r['fit_minutes']:.1f}{gpu(r)} | {_n(r['pixel_auroc'])} | "
             f"{_n(r['au_pro'])} | {_n(r['image_auroc'])} ({_n(r['image_auroc_max'])}) | "
             f"{_n(r['pixel_f1'])} / {_n(r['pixel_f1_max'])} | {_n(r['image_accuracy'])} / "
             f"{_n(r['image_accuracy_best'])} | {_n(r['good_images_flagged'], 2)} | {_n(r['fidelity_corr'], 2)} |")
@@ -160,6 +172,9 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "quality")
     parser.add_argument("--tag", default="", help="suffix of the run and map names (several configurations side by side)")
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--trained", type=Path, default=None,
+                        help="evaluate TRAINED/<data set>-<method>[-<preset>][-<tag>]/checkpoint.pt where it exists "
+                             "instead of fitting (checkpoints fitted on another machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,9 +189,11 @@ def main() -> int:
         for method in args.methods.split(","):
             steps = args.steps_magnetic if name == "magnetic_tile" else args.steps_piped
             key = f"{name}-{method}{'-' + args.preset if args.preset else ''}{'-' + args.tag if args.tag else ''}"
+            trained = args.trained / key / "checkpoint.pt" if args.trained else None
             record = {"dataset": name, "method": label(method),
                       **run_one(path, method, args.preset, steps, args.max_fit_minutes, overrides,
-                                args.output / "runs" / key, args.output / "maps" / f"{key}.npz")}
+                                args.output / "runs" / key, args.output / "maps" / f"{key}.npz",
+                                trained if trained is not None and trained.exists() else None)}
             results = [r for r in results if (r["dataset"], r["method"]) != (name, record["method"])] + [record]
             results_path.write_text(json.dumps(json_safe(results), indent=2))
             print(f"{name:14s} {record['method']:22s} pixel {_n(record['pixel_auroc'])} pro {_n(record['au_pro'])} "
