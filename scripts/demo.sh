@@ -7,7 +7,7 @@ bash scripts/setup.sh
 DATA=examples/paper_bdp01
 OUT=runs/demo
 rm -rf "$OUT"
-.venv/bin/ssimae train "$DATA" --method ssim-ae --output "$OUT/model" --max-minutes 3.5
+.venv/bin/ssimae train "$DATA" --method ssim-ae --output "$OUT/model" --max-steps 150
 .venv/bin/ssimae predict "$OUT/model/checkpoint.pt" "$DATA/test" --output "$OUT/predictions" --quiet
 .venv/bin/ssimae evaluate "$OUT/model/checkpoint.pt" "$DATA" --output "$OUT/evaluation" --quiet
 echo

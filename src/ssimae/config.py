@@ -108,7 +108,7 @@ class Config:
     infer_batch_size: int = 64  # patches per forward pass at inference
     map_smoothing: float | None = None  # std (pixels) of a Gaussian on the anomaly maps; empty = the method's (0 = off, as in the paper, for the autoencoders; 4 patchcore; 2 blur)
     threshold_rule: str = "pixel-fpr"  # pixel-fpr | min-area: how the pixel threshold is chosen on validation images
-    threshold_fpr: float = 0.01  # pixel-fpr rule: share of validation pixels allowed above the threshold
+    threshold_fpr: float = 0.001  # pixel-fpr rule: share of validation pixels allowed above the threshold (bench/README.md)
     min_defect_area: int = 25  # smallest defect in pixels: smaller mask regions are dropped; the min-area rule keeps validation blobs below it
     image_score: str | None = None  # max | top-mean: how a map becomes one image score; empty = the method's (top-mean patchcore, else max)
     image_score_fraction: float = 0.01  # top-mean: share of the map's pixels averaged
