@@ -51,9 +51,9 @@ METHOD_DEFAULTED = ("image_score",)
 INFERENCE_SETTINGS = ("stride", "infer_batch_size", "device", "precision", "max_image_pixels")
 
 # Named bundles of settings, applied over the defaults and under a YAML file and flags.
-# "paper" is the paper's and the MVTec protocol's settings (the defaults). "tuned" adds what helped
-# short CPU budgets (README, Results): an L2 warm-up against the flat-output state of SSIM training,
-# and a sigma-2 Gaussian on the maps.
+# "paper" is the paper's and the MVTec protocol's settings: no L2 warm-up, the min-area threshold rule,
+# the map maximum as image score. "tuned" adds an L2 warm-up for every method and a sigma-2 Gaussian
+# on the maps.
 PRESETS: dict[str, dict] = {
     "paper": {"threshold_rule": "min-area", "image_score": "max", "l2_warmup_steps": 0},
     "tuned": {"l2_warmup_steps": 100, "map_smoothing": 2.0},

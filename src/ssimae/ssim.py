@@ -31,9 +31,7 @@ import torch
 import torch.nn.functional as F
 
 K1, K2 = 0.01, 0.03  # Wang et al. 2004: C1 = (K1 L)^2, C2 = (K2 L)^2, C3 = C2 / 2, L the data range
-C1 = K1**2  # the constants for L = 1 (images in [0, 1])
-C2 = K2**2
-C3 = C2 / 2
+C1, C2 = K1**2, K2**2  # the constants for L = 1 (images in [0, 1])
 MATRIX_MAX_SIDE = 256  # up to this side a filter pass is a banded-matrix product, above it a 1-D conv
 
 
