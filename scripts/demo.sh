@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then train the SSIM autoencoder on the bundled PIPED example (about 4 minutes on 2 CPU
+# Set up, then train the SSIM autoencoder on the bundled PIPED example (about 5 minutes on 2 CPU
 # cores), segment its test images and evaluate them. Outputs go to runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
