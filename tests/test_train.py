@@ -44,7 +44,7 @@ def test_checkpoint_is_self_describing_and_loads_with_weights_only(checkpoint_pa
     assert state["method"] == "ssim-ae" and state["channels"] == 1
     assert state["config"]["latent_dim"] == 8 and state["config"]["stride"] == 64
     assert isinstance(state["thresholds"]["pixel"], float) and math.isfinite(state["thresholds"]["pixel"])
-    assert "pixel FPR 0.01" in state["thresholds"]["pixel_rule"] and math.isfinite(state["thresholds"]["image"])
+    assert "pixel FPR 0.001" in state["thresholds"]["pixel_rule"] and math.isfinite(state["thresholds"]["image"])
     assert state["training"]["step"] == 2 and state["training"]["complete"] is True
     assert state["history"][0]["step"] == 2
     model = build_model("ae", 1, 8, 128)
