@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssimae.checkpoint import Checkpoint
 from ssimae.config import config_from_dict, preset_config
 from ssimae.data import find_training_images, read_image
 from ssimae.detector import load_detector
 from ssimae.evaluate import compute_test_maps, metrics_of
 from ssimae.files import json_safe
 from ssimae.methods import COMPARED
-from ssimae.checkpoint import Checkpoint
 from ssimae.train import TrainResult, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,8 @@ def run_one(dataset: Path, method: str, preset: str | None, steps: int, minutes:
     config = config_from_dict(values, preset_config(preset)).validate()
     if trained is not None:  # fitted elsewhere (e.g. on a GPU): evaluate its checkpoint here
         checkpoint = Checkpoint.load(trained)
+        if checkpoint.thresholds is None:
+            sys.exit(f"quality.py: {trained} has no thresholds (its fit did not finish); fit it again")
         result = TrainResult(trained, checkpoint.thresholds.pixel, checkpoint.training.step,
                              checkpoint.training.seconds, checkpoint.history)
         fit_seconds, config = checkpoint.training.seconds, checkpoint.config
@@ -110,12 +112,12 @@ def run_one(dataset: Path, method: str, preset: str | None, steps: int, minutes:
         "detail_ratio": last.get("detail_ratio"),
         "settings": {**overrides, "preset": preset},
         "image_score": config.image_score_kind,
-        "fitted_on": "GPU" if trained is not None or torch.cuda.is_available() else "CPU",
+        "fitted_on": "elsewhere" if trained is not None else "GPU" if torch.cuda.is_available() else "CPU",
     }
 
 
 def gpu(record: dict) -> str:
-    return " (GPU)" if record.get("fitted_on") == "GPU" else ""
+    return {"GPU": " (GPU)", "elsewhere": " (elsewhere)"}.get(record.get("fitted_on"), "")
 
 
 def _n(value, digits: int = 3) -> str:
