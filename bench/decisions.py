@@ -28,7 +28,7 @@ from ssimae.threshold import drop_small_regions, fpr_threshold, min_area_thresho
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = {"max": ("max", 0.0), "top-mean 0.1%": ("top-mean", 0.001), "top-mean 0.5%": ("top-mean", 0.005),
           "top-mean 1%": ("top-mean", 0.01), "top-mean 2%": ("top-mean", 0.02), "top-mean 5%": ("top-mean", 0.05)}
-PIXEL_FPRS = (0.001, 0.003, 0.01, 0.03)
+PIXEL_FPRS = tuple(sorted({0.001, 0.003, 0.01, 0.03, Config().threshold_fpr}))  # always the default too
 IMAGE_FPRS = (0.01, 0.05, 0.1)
 MIN_AREA = 25
 
