@@ -12,7 +12,7 @@ from ssimae.blur import BlurResidual, gaussian_taps
 from ssimae.checkpoint import Checkpoint
 from ssimae.config import Config
 from ssimae.detector import load_detector
-from ssimae.patchcore import greedy_coreset, nearest_distances
+from ssimae.patchcore import default_image_size, greedy_coreset, nearest_distances
 from ssimae.train import fit
 
 SETTINGS = dict(method="patchcore", image_size="128x128", memory_bank_size=300, device="cpu", val_fraction=0.2)
@@ -148,6 +148,27 @@ def test_exporting_a_patchcore_of_varying_image_sizes_is_refused(planted, tmp_pa
 
 
 # --------------------------------------------------------------------------- the blur floor
+
+
+def test_the_working_size_enlarges_small_images_only(tmp_path):
+    rng = np.random.default_rng(0)
+    small = [write_png(tmp_path / "small" / f"{i}.png", texture_png(96, 64, rng)) for i in range(3)]
+    large = [write_png(tmp_path / "large" / f"{i}.png", texture_png(300 + 10 * i, 200, rng)) for i in range(3)]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert default_image_size(small + [tmp_path / "broken.png"]) == "256x384"  # 4 x (64 wide, 96 high)
+    assert default_image_size(large) == "256x256"
+    assert default_image_size([tmp_path / "broken.png"]) == "256x256"
+
+
+def test_a_fit_records_the_working_size_it_chose(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_png(tmp_path / "good" / f"{i}.png", texture_png(40, 48, rng, period=9))
+    result = fit(Config(**{**SETTINGS, "image_size": None}), tmp_path / "good", tmp_path / "run", progress=False)
+    checkpoint = Checkpoint.load(result.checkpoint)
+    assert checkpoint.config.image_size == "192x160"  # 4 x (48 wide, 40 high), used by predict too
+    detector = load_detector(result.checkpoint, overrides={"device": "cpu"})
+    assert detector.preprocess(np.zeros((40, 48, 1), np.float32)).shape == (160, 192, 1)
 
 
 def test_blur_taps_and_map_by_hand():

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from itertools import zip_longest
 from typing import Callable, Iterator, NamedTuple
@@ -286,6 +287,11 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
     device = resolve_device(device_for(rank, config.device))
     log.info("fitting %s on %d images, validating on %d%s", config.method, len(split.train), len(split.validation),
              f" ({rank.world} processes)" if rank.distributed else "")
+    if config.method == "patchcore" and config.image_size is None:  # fixed now, so predict uses the same
+        from .patchcore import default_image_size
+
+        config = replace(config, image_size=default_image_size(split.train))
+        log.info("patchcore: working size %s", config.image_size)
     train_images = load_images(split.train, config)
     channels = train_images[0].shape[2]
     if rank.main:
