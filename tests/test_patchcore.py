@@ -150,6 +150,24 @@ def test_exporting_a_patchcore_of_varying_image_sizes_is_refused(planted, tmp_pa
 # --------------------------------------------------------------------------- the blur floor
 
 
+def test_only_a_seeded_random_pool_of_the_features_enters_the_coreset():
+    from ssimae.patchcore import fit_patchcore
+
+    rng = np.random.default_rng(0)
+    images = [texture(64, 64, rng, period=9)[:, :, None] for _ in range(3)]
+    config = Config(**{**SETTINGS, "image_size": "64x64", "memory_bank_size": 40, "coreset_pool": 40})
+    model = fit_patchcore(config, images, 1, torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        features = torch.cat([model.embed(torch.from_numpy(im).permute(2, 0, 1)[None])[0].flatten(1).T for im in images])
+    assert features.shape[0] == 3 * 8 * 8
+    matches = torch.cdist(model.bank, features, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
+    assert matches.values.max() < 1e-4 and len(set(matches.indices.tolist())) == 40  # 40 distinct features
+    again = fit_patchcore(config, images, 1, torch.device("cpu"), progress=False)
+    assert torch.equal(again.bank, model.bank)
+    other = fit_patchcore(Config(**{**config.to_dict(), "seed": 1}), images, 1, torch.device("cpu"), progress=False)
+    assert not torch.equal(other.bank, model.bank)
+
+
 def test_the_working_size_enlarges_small_images_only(tmp_path):
     rng = np.random.default_rng(0)
     small = [write_png(tmp_path / "small" / f"{i}.png", texture_png(96, 64, rng)) for i in range(3)]

@@ -4,7 +4,8 @@ Detection", CVPR 2022) with a frozen ImageNet backbone, no gradient training.
     fit      every training image -> locally aware patch features: the outputs of a few middle
              blocks of the backbone, each averaged over its k x k neighbourhood, upsampled to the
              finest of their grids and concatenated -> a memory bank of all of them, reduced by the
-             approximate greedy coreset (k-centre greedy on a random projection) to memory_bank_size
+             approximate greedy coreset (k-centre greedy on a random projection; at most
+             coreset_pool features, a random sample, enter it) to memory_bank_size
     predict  an image's patch features -> the distance of each to its nearest bank feature: a score
              grid, upsampled to the image and smoothed (sigma 4 by default) by the Detector
 
@@ -215,6 +216,11 @@ def fit_patchcore(config, images: list[np.ndarray], channels: int, device: torch
     features = torch.cat(features)  # (N, D)
     log.info("patchcore: %d patch features of %d dimensions from %d images in %.0f s", features.shape[0],
              features.shape[1], len(images), time.monotonic() - started)
+    if features.shape[0] > config.coreset_pool:  # neighbouring features are alike: a random sample covers them
+        generator = torch.Generator().manual_seed(config.seed)
+        keep = torch.randperm(features.shape[0], generator=generator)[: config.coreset_pool].sort().values
+        features = features[keep]
+        log.info("patchcore: a random %d of them enter the coreset (coreset_pool)", config.coreset_pool)
     size = min(config.memory_bank_size, features.shape[0])
     started = time.monotonic()
     bar = (lambda steps: tqdm(steps, desc="patchcore coreset", unit="feature", dynamic_ncols=True, mininterval=1)) \
