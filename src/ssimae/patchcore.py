@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from .config import METHOD_IMAGE_SIZE
 from .errors import SettingError, SsimaeError
 from .features import EFFICIENTNET_NAME, FeatureExtractor, build_feature_extractor
 
@@ -44,7 +45,7 @@ RESNET_LAYERS = ("layer2", "layer3")  # strides 8 and 16, as the paper takes fro
 # images (median shorter side of the training images at most SMALL_SIDE pixels, like PIPED's 128x128)
 # are enlarged UPSAMPLE times instead, so that the stride-8 features lie 2 image pixels apart rather
 # than 4: on four PIPED types AU-PRO rose by 0.03-0.26 (bench/README.md).
-DEFAULT_SIZE = "256x256"
+DEFAULT_SIZE = METHOD_IMAGE_SIZE["patchcore"]
 SMALL_SIDE = 128
 UPSAMPLE = 4
 QUERY_CHUNK = 4096  # patch features per distance matrix: memory stays QUERY_CHUNK x BANK_CHUNK floats
