@@ -147,9 +147,6 @@ def test_exporting_a_patchcore_of_varying_image_sizes_is_refused(planted, tmp_pa
         export_onnx(result.checkpoint, tmp_path / "x.onnx")
 
 
-# --------------------------------------------------------------------------- the blur floor
-
-
 def test_only_a_seeded_random_pool_of_the_features_enters_the_coreset():
     from ssimae.patchcore import fit_patchcore
 
@@ -187,6 +184,9 @@ def test_a_fit_records_the_working_size_it_chose(tmp_path):
     assert checkpoint.config.image_size == "192x160"  # 4 x (48 wide, 40 high), used by predict too
     detector = load_detector(result.checkpoint, overrides={"device": "cpu"})
     assert detector.preprocess(np.zeros((40, 48, 1), np.float32)).shape == (160, 192, 1)
+
+
+# --------------------------------------------------------------------------- the blur floor
 
 
 def test_blur_taps_and_map_by_hand():
