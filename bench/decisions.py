@@ -4,7 +4,10 @@ For every saved run (OUTPUT/maps/<data set>-<method>.npz: test maps, masks, vali
 prints, without refitting anything:
   * image AUROC of each image-score candidate, beside the map maximum's;
   * pixel F1 at a threshold chosen on the validation maps by each pixel-FPR target, beside F1-max;
-  * image accuracy and share of good images flagged at each image false-alarm target.
+  * image accuracy and share of good images flagged at each image false-alarm target;
+  * AU-PRO over all ground-truth regions and over those of at least MIN_AREA pixels (the masks ssimae
+    writes drop smaller regions; on PIPED most regions are specks of a few pixels, and AU-PRO weighs
+    every region alike).
 The defaults of ssimae (threshold_fpr, image_score, image_fpr) are chosen from this table
 (bench/README.md says which figures decided them).
 
@@ -19,11 +22,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
-from ssimae.metrics import best_accuracy, f1_max, image_auroc
+from ssimae.metrics import au_pro, best_accuracy, f1_max, image_auroc
 from ssimae.scoring import image_score
 from ssimae.config import METHOD_NAMES, Config
-from ssimae.threshold import drop_small_regions, fpr_threshold, min_area_threshold, rate_threshold
+from ssimae.threshold import EIGHT_CONNECTED, drop_small_regions, fpr_threshold, min_area_threshold, rate_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = {"max": ("max", 0.0), "top-mean 0.1%": ("top-mean", 0.001), "top-mean 0.5%": ("top-mean", 0.005),
@@ -53,6 +57,12 @@ def pixel_f1(maps, masks, threshold: float) -> float:
     return 2 * tp / max(1, 2 * tp + fp + fn)
 
 
+def region_sizes(mask: np.ndarray) -> np.ndarray:
+    """Pixel counts of the connected regions of a mask (the connectivity drop_small_regions uses)."""
+    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    return np.bincount(labels.ravel(), minlength=count + 1)[1:]
+
+
 def analyse(run: dict) -> dict:
     labels = np.array([m.any() for m in run["masks"]])
     out = {"images": len(labels), "validation_images": len(run["val"]), "image_auroc": {}, "pixel": {}, "image": {}}
@@ -66,6 +76,11 @@ def analyse(run: dict) -> dict:
             out["image"][f"{name} @ {rate}"] = {"accuracy": float(np.mean(verdicts == labels)),
                                                 "good_flagged": float(verdicts[~labels].mean()),
                                                 "best": best_accuracy(scores, labels)["accuracy"]}
+    large = [drop_small_regions(mask, MIN_AREA) for mask in run["masks"]]
+    regions = [region_sizes(mask) for mask in run["masks"]]
+    sizes = np.concatenate(regions) if regions else np.zeros(0)
+    out["regions"] = {"count": int(sizes.size), "small_share": float(np.mean(sizes < MIN_AREA)) if sizes.size else 0.0,
+                      "au_pro": au_pro(run["test"], run["masks"]), "au_pro_large": au_pro(run["test"], large)}
     out["pixel"]["f1_max"] = f1_max(run["test"], run["masks"])[0]
     out["pixel"]["f1 @ min-area"] = pixel_f1(run["test"], run["masks"], min_area_threshold(run["val"], MIN_AREA))
     for fpr in PIXEL_FPRS:
@@ -90,6 +105,9 @@ def main() -> int:
         aurocs = " ".join(f"{k.replace('top-mean ', 't')}={v:.3f}" for k, v in result["image_auroc"].items())
         pixels = " ".join(f"{k.replace('f1 @ fpr ', 'fpr')}={v:.3f}" for k, v in result["pixel"].items())
         print(f"{path.stem:32s} image AUROC {aurocs}\n{'':32s} pixel F1 {pixels}", flush=True)
+        regions = result["regions"]
+        print(f"{'':32s} AU-PRO {regions['au_pro']:.3f}, over regions >= {MIN_AREA} px {regions['au_pro_large']:.3f} "
+              f"({regions['small_share']:.0%} of {regions['count']} regions are smaller)")
         for name in ("max", "top-mean 1%"):
             row = " ".join(f"@{rate}: acc {result['image'][f'{name} @ {rate}']['accuracy']:.3f} good "
                            f"{result['image'][f'{name} @ {rate}']['good_flagged']:.2f}" for rate in IMAGE_FPRS)
