@@ -29,6 +29,46 @@ def test_max_and_top_mean_by_hand():
         image_score(amap, "median")
 
 
+def test_a_margin_leaves_the_map_border_out_of_the_image_score():
+    amap = np.zeros((32, 64), dtype=np.float32)
+    amap[0, 10] = 9.0  # on the border
+    amap[:, 63] = 8.0  # the last column
+    amap[16, 30] = 3.0  # inside
+    assert image_score(amap, "max") == 9.0
+    # 1/32 of 32 rows and of 64 columns: one row and two columns at each side are left out
+    assert image_score(amap, "max", margin=1 / 32) == 3.0
+    assert image_score(amap, "top-mean", 0.0005, margin=1 / 32) == 3.0  # 0.05% of the 30 x 60 interior: 1 px
+    assert image_score(amap, "top-mean", 0.01, margin=1 / 32) == pytest.approx(3.0 / 18)  # 18 px: 3 and 17 zeros
+    tiny = np.arange(9, dtype=np.float32).reshape(3, 3)
+    assert image_score(tiny, "max", margin=0.49) == 4.0  # never less than the middle pixel
+
+
+def test_the_image_score_margin_defaults_to_the_methods_own_and_older_saves_keep_none():
+    from ssimae.config import config_from_dict, known_settings, preset_config
+    from ssimae.errors import SettingError
+
+    assert Config(method="patchcore").image_margin == 1 / 32
+    assert [Config(method=m).image_margin for m in ("ssim-ae", "l2-ae", "vae", "fm-ae", "blur")] == [0.0] * 5
+    assert Config(method="patchcore", image_score_margin=0.1).image_margin == 0.1
+    assert config_from_dict({"method": "patchcore"}, preset_config("paper")).image_margin == 0.0
+    saved = {k: v for k, v in Config(method="patchcore").to_dict().items() if k != "image_score_margin"}
+    assert config_from_dict(known_settings(saved)).image_margin == 0.0  # its image threshold was chosen so
+    with pytest.raises(SettingError, match="image_score_margin 0.5"):
+        Config(image_score_margin=0.5).validate()
+
+
+def test_thresholds_and_verdicts_use_the_margin():
+    """The image threshold is chosen on validation scores with the margin, and the detector's score has it."""
+    maps = [np.full((64, 64), 1.0, dtype=np.float32) for _ in range(30)]
+    for amap in maps:
+        amap[0, :] = 50.0  # a hot first row on every defect-free image
+    config = Config(method="patchcore")
+    thresholds = choose_thresholds(maps, config)
+    assert thresholds.image < 2.0  # chosen on the interior, which the hot row does not reach
+    detector = Detector(config, lambda image: maps[0], thresholds, channels=1)
+    assert detector.image_score(maps[0]) == pytest.approx(1.0)
+
+
 # --------------------------------------------------------------------------- thresholds on known distributions
 
 

@@ -42,6 +42,9 @@ METHOD_WARMUP = {"ssim-ae": 100}
 # The image score of each method when image_score is not set (the others: the map's maximum). PatchCore's
 # top-1% mean ranked magnetic_tile's images better than its maximum (bench/README.md, issue 9).
 METHOD_IMAGE_SCORE = {"patchcore": "top-mean"}
+# The margin the image score leaves out at each side of the map when image_score_margin is not set (the
+# others: none). PatchCore's border features see the backbone's zero padding (scoring.py, bench/README.md).
+METHOD_IMAGE_SCORE_MARGIN = {"patchcore": 1 / 32}
 # The working size of each method when image_size is not set (the others keep each image's size):
 # PatchCore's features were measured best on magnetic_tile with images resized to 256x256 (bench/README.md);
 # a PatchCore fit on small images enlarges them 4x instead (patchcore.default_image_size).
@@ -53,10 +56,10 @@ INFERENCE_SETTINGS = ("stride", "infer_batch_size", "device", "precision", "max_
 
 # Named bundles of settings, applied over the defaults and under a YAML file and flags.
 # "paper" is the paper's and the MVTec protocol's settings: no L2 warm-up, the min-area threshold rule,
-# the map maximum as image score. "tuned" adds an L2 warm-up for every method and a sigma-2 Gaussian
+# the map maximum (all of it) as image score. "tuned" adds an L2 warm-up for every method and a sigma-2 Gaussian
 # on the maps.
 PRESETS: dict[str, dict] = {
-    "paper": {"threshold_rule": "min-area", "image_score": "max", "l2_warmup_steps": 0},
+    "paper": {"threshold_rule": "min-area", "image_score": "max", "image_score_margin": 0.0, "l2_warmup_steps": 0},
     "tuned": {"l2_warmup_steps": 100, "map_smoothing": 2.0},
 }
 
@@ -115,6 +118,7 @@ class Config:
     min_defect_area: int = 25  # smallest defect in pixels: smaller mask regions are dropped; the min-area rule keeps validation blobs below it
     image_score: str | None = None  # max | top-mean: how a map becomes one image score; empty = the method's (top-mean patchcore, else max)
     image_score_fraction: float = 0.01  # top-mean: share of the map's pixels averaged
+    image_score_margin: float | None = None  # share of the map's height and width at each side the image score leaves out; empty = the method's (1/32 patchcore, else 0)
     image_fpr: float = 0.05  # share of defect-free validation images allowed above the image threshold
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | tf32 | bf16: auto = TF32 training and bf16 inference on CUDA, fp32 on CPU
@@ -128,6 +132,13 @@ class Config:
     def image_score_kind(self) -> str:
         """image_score, or the method's own default when it is not set."""
         return METHOD_IMAGE_SCORE.get(self.method, "max") if self.image_score is None else self.image_score
+
+    @property
+    def image_margin(self) -> float:
+        """image_score_margin, or the method's own default when it is not set."""
+        if self.image_score_margin is None:
+            return METHOD_IMAGE_SCORE_MARGIN.get(self.method, 0.0)
+        return self.image_score_margin
 
     @property
     def warmup_steps(self) -> int:
@@ -163,6 +174,8 @@ class Config:
                 raise SettingError(name, f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise SettingError("val_fraction", f"val_fraction {self.val_fraction} must be in [0, 1)")
+        if self.image_score_margin is not None and not 0 <= self.image_score_margin < 0.5:
+            raise SettingError("image_score_margin", f"image_score_margin {self.image_score_margin} must be in [0, 0.5)")
         for name in ("threshold_fpr", "image_fpr", "image_score_fraction"):
             value = getattr(self, name)
             if not 0 < value < 1:
@@ -215,10 +228,16 @@ def parse_image_size(text: str | int | None) -> int | tuple[int, int] | None:
         raise SsimaeError(f"image size {text!r} is not a positive integer or WxH (e.g. 256 or 320x240)") from None
 
 
+# Settings added since the first release, with the value that reproduces how a checkpoint or export
+# saved without them was fitted (its thresholds were chosen so).
+SAVED_BEFORE = {"image_score_margin": 0.0}
+
+
 def known_settings(values: dict) -> dict:
-    """The entries of `values` that are settings of this version (a checkpoint may hold retired ones)."""
+    """The settings of this version in a saved config (a checkpoint's or an export's): retired ones are
+    dropped, and those it predates get the value it was fitted with (SAVED_BEFORE)."""
     known = {f.name for f in fields(Config)}
-    return {k: v for k, v in values.items() if k in known}
+    return {**SAVED_BEFORE, **{k: v for k, v in values.items() if k in known}}
 
 
 def config_from_dict(values: dict, base: Config | None = None, source: str = "settings") -> Config:

@@ -86,7 +86,8 @@ class Detector:
         return self.thresholds.image if self.thresholds else None
 
     def image_score(self, amap: np.ndarray) -> float:
-        return image_score(amap, self.config.image_score_kind, self.config.image_score_fraction)
+        return image_score(amap, self.config.image_score_kind, self.config.image_score_fraction,
+                           self.config.image_margin)
 
     def decide(self, amap: np.ndarray, threshold: float | None = None) -> Prediction:
         """The mask, score and verdict of an anomaly map. `threshold` replaces the pixel threshold
@@ -114,7 +115,8 @@ def choose_thresholds(maps: list[np.ndarray], config: Config) -> Thresholds:
     """Pixel and image thresholds from the maps of defect-free validation images (threshold.py rules),
     with what they achieve on those images. Warns when there are too few images for the image rule."""
     pixel, pixel_rule = choose_threshold(maps, config.threshold_rule, config.threshold_fpr, config.min_defect_area)
-    scores = np.array([image_score(m, config.image_score_kind, config.image_score_fraction) for m in maps])
+    scores = np.array([image_score(m, config.image_score_kind, config.image_score_fraction, config.image_margin)
+                       for m in maps])
     image, how = image_threshold(scores, config.image_fpr)
     needed = images_needed(config.image_fpr)
     if len(maps) < needed:
