@@ -30,8 +30,10 @@ from ssimae.config import METHOD_NAMES, Config
 from ssimae.threshold import EIGHT_CONNECTED, drop_small_regions, fpr_threshold, min_area_threshold, rate_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
-SCORES = {"max": ("max", 0.0), "top-mean 0.1%": ("top-mean", 0.001), "top-mean 0.5%": ("top-mean", 0.005),
-          "top-mean 1%": ("top-mean", 0.01), "top-mean 2%": ("top-mean", 0.02), "top-mean 5%": ("top-mean", 0.05)}
+SCORES = {"max": ("max", 0.0, 0.0), "top-mean 0.1%": ("top-mean", 0.001, 0.0), "top-mean 0.5%": ("top-mean", 0.005, 0.0),
+          "top-mean 1%": ("top-mean", 0.01, 0.0), "top-mean 2%": ("top-mean", 0.02, 0.0), "top-mean 5%": ("top-mean", 0.05, 0.0),
+          "top-mean 1% m1/64": ("top-mean", 0.01, 1 / 64), "top-mean 1% m1/32": ("top-mean", 0.01, 1 / 32),
+          "top-mean 1% m1/16": ("top-mean", 0.01, 1 / 16)}  # m: the margin left out at each side
 PIXEL_FPRS = tuple(sorted({0.001, 0.003, 0.01, 0.03, Config().threshold_fpr}))  # always the default too
 IMAGE_FPRS = (0.01, 0.05, 0.1)
 MIN_AREA = 25
@@ -66,10 +68,10 @@ def region_sizes(mask: np.ndarray) -> np.ndarray:
 def analyse(run: dict) -> dict:
     labels = np.array([m.any() for m in run["masks"]])
     out = {"images": len(labels), "validation_images": len(run["val"]), "image_auroc": {}, "pixel": {}, "image": {}}
-    for name, (kind, fraction) in SCORES.items():
-        scores = np.array([image_score(m, kind, fraction or 0.01) for m in run["test"]])
+    for name, (kind, fraction, margin) in SCORES.items():
+        scores = np.array([image_score(m, kind, fraction or 0.01, margin) for m in run["test"]])
         out["image_auroc"][name] = image_auroc(scores, labels)
-        val_scores = np.array([image_score(m, kind, fraction or 0.01) for m in run["val"]])
+        val_scores = np.array([image_score(m, kind, fraction or 0.01, margin) for m in run["val"]])
         for rate in IMAGE_FPRS:
             threshold = rate_threshold(val_scores, rate)
             verdicts = scores > threshold
@@ -108,7 +110,7 @@ def main() -> int:
         regions = result["regions"]
         print(f"{'':32s} AU-PRO {regions['au_pro']:.3f}, over regions >= {MIN_AREA} px {regions['au_pro_large']:.3f} "
               f"({regions['small_share']:.0%} of {regions['count']} regions are smaller)")
-        for name in ("max", "top-mean 1%"):
+        for name in ("max", "top-mean 1%", "top-mean 1% m1/32"):
             row = " ".join(f"@{rate}: acc {result['image'][f'{name} @ {rate}']['accuracy']:.3f} good "
                            f"{result['image'][f'{name} @ {rate}']['good_flagged']:.2f}" for rate in IMAGE_FPRS)
             print(f"{'':32s} {name:12s} {row} (best {result['image'][f'{name} @ 0.05']['best']:.3f}, "
@@ -130,8 +132,12 @@ def before_after(everything: dict) -> str:
     for stem, r in everything.items():
         rest = stem.split("-", 1)[1]  # data set names hold no "-"
         method = next((m for m in METHOD_NAMES if rest == m or rest.startswith(m + "-")), None)
-        kind = Config(method=method).image_score_kind if method else "max"
+        config = Config(method=method) if method else Config()
+        kind, margin = (config.image_score_kind, config.image_margin) if method else ("max", 0.0)
         name = "max" if kind == "max" else f"top-mean {defaults.image_score_fraction:.0%}"
+        if margin:
+            name += f" m1/{round(1 / margin)}"
+            kind += f", margin 1/{round(1 / margin)}"
         before, after = r["image"]["max @ 0.05"], r["image"][f"{name} @ 0.05"]
         pixel = r["pixel"]
         lines.append(f"| {stem} | {pixel['f1 @ min-area']:.3f} / {pixel[f'f1 @ fpr {defaults.threshold_fpr:g}']:.3f} / "
