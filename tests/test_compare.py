@@ -77,6 +77,7 @@ def test_metrics_json_has_every_method_and_defect_type(run):
         precision = entry["metrics"]["image_precision"]  # undefined (null) when no image was called defective
         assert (precision is None and entry["metrics"]["image_recall"] == 0) or 0 <= precision <= 1
         assert entry["metrics"]["image_accuracy"] <= entry["metrics"]["image_accuracy_best"]
+        assert entry["metrics"]["image_score_margin"] == (1 / 32 if method == "patchcore" else 0.0)
         assert 0 <= entry["metrics"]["validation"]["pixel_fpr"] <= 0.01  # the default rule's target
         assert entry["training"]["steps"] == (2 if method not in ("patchcore", "blur") else 0)
         assert entry["training"]["seconds"] > 0

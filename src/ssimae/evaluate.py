@@ -55,6 +55,7 @@ def metrics_of(test: TestMaps, detector: Detector, fpr_limit: float = 0.3, thres
     scores = [detector.image_score(m) for m in test.maps]
     result = {**evaluate_maps(test.maps, test.masks, fpr_limit, scores), **decision_figures(test, detector, threshold)}
     result["image_score"] = detector.config.image_score_kind
+    result["image_score_margin"] = detector.config.image_margin
     good = [i for i, item in enumerate(test.items) if item.defect_type == "good"]
     per_type = {}
     for defect in sorted({item.defect_type for item in test.items} - {"good"}):
@@ -121,7 +122,8 @@ def format_table(metrics: dict) -> str:
         m = metrics
         lines.append(f"pixels at threshold {m['threshold']:.5g}: F1 {m['pixel_f1']:.4f} (F1-max {m['pixel_f1_max']:.4f}), "
                      f"precision {_text(m['pixel_precision'])}, recall {_text(m['pixel_recall'])}")
-        lines.append(f"images ({m['image_score']} score): accuracy {m['image_accuracy']:.4f} "
+        margin = f", without the outer {m['image_score_margin']:.3g} of the map" if m.get("image_score_margin") else ""
+        lines.append(f"images ({m['image_score']} score{margin}): accuracy {m['image_accuracy']:.4f} "
                      f"(best reachable {m['image_accuracy_best']:.4f}), precision {_text(m['image_precision'])}, "
                      f"recall {_text(m['image_recall'])}; good images flagged {_text(m['good_images_flagged'])}")
         validation = m.get("validation") or {}
