@@ -132,8 +132,8 @@ def before_after(everything: dict) -> str:
     for stem, r in everything.items():
         rest = stem.split("-", 1)[1]  # data set names hold no "-"
         method = next((m for m in METHOD_NAMES if rest == m or rest.startswith(m + "-")), None)
-        config = Config(method=method) if method else Config()
-        kind, margin = (config.image_score_kind, config.image_margin) if method else ("max", 0.0)
+        config = Config(method=method) if method else None
+        kind, margin = (config.image_score_kind, config.image_margin) if config else ("max", 0.0)
         name = "max" if kind == "max" else f"top-mean {defaults.image_score_fraction:.0%}"
         if margin:
             name += f" m1/{round(1 / margin)}"

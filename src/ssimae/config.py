@@ -43,7 +43,7 @@ METHOD_WARMUP = {"ssim-ae": 100}
 # top-1% mean ranked magnetic_tile's images better than its maximum (bench/README.md, issue 9).
 METHOD_IMAGE_SCORE = {"patchcore": "top-mean"}
 # The margin the image score leaves out at each side of the map when image_score_margin is not set (the
-# others: none). PatchCore's border features see the backbone's zero padding (scoring.py, bench/README.md).
+# others: none). PatchCore's maps score high near the border on good images too (scoring.py, bench/README.md).
 METHOD_IMAGE_SCORE_MARGIN = {"patchcore": 1 / 32}
 # The working size of each method when image_size is not set (the others keep each image's size):
 # PatchCore's features were measured best on magnetic_tile with images resized to 256x256 (bench/README.md);

@@ -86,8 +86,7 @@ class Detector:
         return self.thresholds.image if self.thresholds else None
 
     def image_score(self, amap: np.ndarray) -> float:
-        return image_score(amap, self.config.image_score_kind, self.config.image_score_fraction,
-                           self.config.image_margin)
+        return configured_image_score(amap, self.config)
 
     def decide(self, amap: np.ndarray, threshold: float | None = None) -> Prediction:
         """The mask, score and verdict of an anomaly map. `threshold` replaces the pixel threshold
@@ -111,12 +110,16 @@ def validation_maps(detector: Detector, paths: list[Path]) -> list[np.ndarray]:
     return [detector.anomaly_map(read_image(path, detector.config.max_image_pixels)) for path in paths]
 
 
+def configured_image_score(amap: np.ndarray, config: Config) -> float:
+    """The image score the settings ask for (kind, fraction, margin): verdicts and thresholds share it."""
+    return image_score(amap, config.image_score_kind, config.image_score_fraction, config.image_margin)
+
+
 def choose_thresholds(maps: list[np.ndarray], config: Config) -> Thresholds:
     """Pixel and image thresholds from the maps of defect-free validation images (threshold.py rules),
     with what they achieve on those images. Warns when there are too few images for the image rule."""
     pixel, pixel_rule = choose_threshold(maps, config.threshold_rule, config.threshold_fpr, config.min_defect_area)
-    scores = np.array([image_score(m, config.image_score_kind, config.image_score_fraction, config.image_margin)
-                       for m in maps])
+    scores = np.array([configured_image_score(m, config) for m in maps])
     image, how = image_threshold(scores, config.image_fpr)
     needed = images_needed(config.image_fpr)
     if len(maps) < needed:
