@@ -34,6 +34,7 @@ from .detector import choose_thresholds, torch_detector, validation_maps
 from .devices import resolve_device, resolve_precision, tf32
 from .distributed import Rank, any_rank, barrier, broadcast, device_for, gather, launched, shard
 from .errors import SsimaeError
+from .features import EFFICIENTNET_NAME
 from .files import output_folder, remove_stale_temps
 from .losses import LossFn, l2_loss, make_loss, reconstruction
 from .models import VaeOutput
@@ -287,11 +288,15 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
     device = resolve_device(device_for(rank, config.device))
     log.info("fitting %s on %d images, validating on %d%s", config.method, len(split.train), len(split.validation),
              f" ({rank.world} processes)" if rank.distributed else "")
-    if config.method == "patchcore" and config.image_size is None:  # fixed now, so predict uses the same
-        from .patchcore import default_image_size
+    if config.method == "patchcore":  # the defaults that depend on the images, fixed now so predict uses the same
+        from .patchcore import default_blocks, default_image_size
 
-        config = replace(config, image_size=default_image_size(split.train))
-        log.info("patchcore: working size %s", config.image_size)
+        if config.image_size is None:
+            config = replace(config, image_size=default_image_size(split.train))
+        if config.patchcore_blocks is None and config.feature_net.lower() == EFFICIENTNET_NAME:
+            config = replace(config, patchcore_blocks=default_blocks(split.train))
+        log.info("patchcore: working size %s%s", config.image_size,
+                 f", blocks {config.patchcore_blocks}" if config.patchcore_blocks else "")
     train_images = load_images(split.train, config)
     channels = train_images[0].shape[2]
     if rank.main:
