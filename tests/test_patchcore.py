@@ -97,8 +97,9 @@ def test_the_bank_round_trips_through_the_checkpoint(planted, tmp_path):
     _, result = planted
     checkpoint = Checkpoint.load(result.checkpoint)
     bank = checkpoint.weights["bank"]
-    assert checkpoint.config.patchcore_blocks == "2,4"  # the default for small images, recorded by the fit
-    assert bank.ndim == 2 and bank.shape[0] == 300 and bank.shape[1] == 24 + 40  # blocks 2 and 4
+    # small images at a size the user set: the usual blocks, recorded by the fit
+    assert checkpoint.config.patchcore_blocks == "4,10,14"
+    assert bank.ndim == 2 and bank.shape[0] == 300 and bank.shape[1] == 40 + 112 + 192  # blocks 4, 10, 14
     checkpoint.save(tmp_path / "copy.pt")
     network = Checkpoint.load(tmp_path / "copy.pt").network()
     assert torch.equal(network.bank, bank)
@@ -195,6 +196,9 @@ def test_a_fit_records_the_working_size_it_chose(tmp_path):
     explicit = fit(Config(**{**SETTINGS, "image_size": None, "patchcore_blocks": "4"}), tmp_path / "good",
                    tmp_path / "run4", progress=False)
     assert Checkpoint.load(explicit.checkpoint).config.patchcore_blocks == "4"  # a setting given wins
+    empty = fit(Config(**{**SETTINGS, "image_size": None, "patchcore_blocks": ""}), tmp_path / "good",
+                tmp_path / "run-empty", progress=False)
+    assert Checkpoint.load(empty.checkpoint).config.patchcore_blocks == "2,4"  # set empty = not set
     detector = load_detector(result.checkpoint, overrides={"device": "cpu"})
     assert detector.preprocess(np.zeros((40, 48, 1), np.float32)).shape == (160, 192, 1)
 

@@ -49,11 +49,11 @@ DEFAULT_SIZE = METHOD_IMAGE_SIZE["patchcore"]
 SMALL_SIDE = 128
 UPSAMPLE = 4
 # PatchCore's blocks when patchcore_blocks is not set: stages 3, 4 and 5 (strides 8, 16, 32). For small
-# images the stride-4 and stride-8 blocks 2 and 4 instead: at 4x enlargement their finer grid lies one
-# image pixel apart, and the small spots these images have are not averaged away with the wider context.
-# On PIPED's 12 types (128x128) AU-PRO rose by 0.04-0.19 against blocks 4,10,14 at the same 512x512, and
-# image AUROC rose or stayed at 1.000 (bench/README.md); on magnetic_tile (not small) blocks 2,4 gave
-# AU-PRO 0.723 against 0.741.
+# images at their default 4x enlargement, the stride-4 and stride-8 blocks 2 and 4 instead: their grid
+# lies one image pixel apart, and likely the small spots these images have are then not averaged into the
+# wider context. On PIPED's 12 types (all 128x128, the only small images measured) AU-PRO rose by
+# 0.04-0.19 against blocks 4,10,14 at the same 512x512, and image AUROC rose or stayed at 1.000
+# (bench/README.md); on magnetic_tile (not small) blocks 2,4 gave AU-PRO 0.723 against 0.741.
 DEFAULT_BLOCKS = "4,10,14"
 SMALL_IMAGE_BLOCKS = "2,4"
 QUERY_CHUNK = 4096  # patch features per distance matrix: memory stays QUERY_CHUNK x BANK_CHUNK floats
@@ -268,7 +268,8 @@ def default_image_size(paths: list) -> str:
 
 
 def default_blocks(paths: list) -> str:
-    """The blocks for a fit on these images when patchcore_blocks is not set; see DEFAULT_BLOCKS."""
+    """The blocks for a fit on these images when neither patchcore_blocks nor image_size is set; see
+    DEFAULT_BLOCKS."""
     return SMALL_IMAGE_BLOCKS if is_small(median_size(paths)) else DEFAULT_BLOCKS
 
 

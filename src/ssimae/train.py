@@ -289,14 +289,17 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
     log.info("fitting %s on %d images, validating on %d%s", config.method, len(split.train), len(split.validation),
              f" ({rank.world} processes)" if rank.distributed else "")
     if config.method == "patchcore":  # the defaults that depend on the images, fixed now so predict uses the same
-        from .patchcore import default_blocks, default_image_size
+        from .patchcore import DEFAULT_BLOCKS, default_blocks, default_image_size
 
+        efficientnet = config.feature_net.lower() == EFFICIENTNET_NAME
+        blocks = DEFAULT_BLOCKS  # the small-image blocks were measured with the small-image size only
         if config.image_size is None:
             config = replace(config, image_size=default_image_size(split.train))
-        if config.patchcore_blocks is None and config.feature_net.lower() == EFFICIENTNET_NAME:
-            config = replace(config, patchcore_blocks=default_blocks(split.train))
+            blocks = default_blocks(split.train)
+        if not config.patchcore_blocks and efficientnet:  # unset, or set empty
+            config = replace(config, patchcore_blocks=blocks)
         log.info("patchcore: working size %s%s", config.image_size,
-                 f", blocks {config.patchcore_blocks}" if config.patchcore_blocks else "")
+                 f", blocks {config.patchcore_blocks}" if efficientnet else "")
     train_images = load_images(split.train, config)
     channels = train_images[0].shape[2]
     if rank.main:
