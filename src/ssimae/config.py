@@ -47,7 +47,7 @@ METHOD_IMAGE_SCORE = {"patchcore": "top-mean"}
 METHOD_IMAGE_SCORE_MARGIN = {"patchcore": 1 / 32}
 # The working size of each method when image_size is not set (the others keep each image's size):
 # PatchCore's features were measured best on magnetic_tile with images resized to 256x256 (bench/README.md);
-# a PatchCore fit on small images enlarges them 4x instead (patchcore.default_image_size).
+# a PatchCore fit on small images enlarges them 4x instead (patchcore.image_defaults).
 METHOD_IMAGE_SIZE = {"patchcore": "256x256"}
 # Enumerated settings that may be left empty for the method's own default.
 METHOD_DEFAULTED = ("image_score",)

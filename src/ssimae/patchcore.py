@@ -255,22 +255,23 @@ def median_size(paths: list) -> tuple[int, int] | None:
     return width, height
 
 
-def is_small(size: tuple[int, int] | None) -> bool:
-    return size is not None and min(size) <= SMALL_SIDE
+def image_defaults(paths: list) -> tuple[str, str]:
+    """The working size (WxH) and the blocks for a fit on these images where neither is set, from one
+    read of their headers; see DEFAULT_SIZE and DEFAULT_BLOCKS."""
+    size = median_size(paths)
+    if size is None or min(size) > SMALL_SIDE:
+        return DEFAULT_SIZE, DEFAULT_BLOCKS
+    return f"{UPSAMPLE * size[0]}x{UPSAMPLE * size[1]}", SMALL_IMAGE_BLOCKS
 
 
 def default_image_size(paths: list) -> str:
-    """The working size (WxH) for a fit on these images when image_size is not set; see DEFAULT_SIZE."""
-    size = median_size(paths)
-    if not is_small(size):
-        return DEFAULT_SIZE
-    return f"{UPSAMPLE * size[0]}x{UPSAMPLE * size[1]}"
+    """The working size (WxH) for a fit on these images when image_size is not set."""
+    return image_defaults(paths)[0]
 
 
 def default_blocks(paths: list) -> str:
-    """The blocks for a fit on these images when neither patchcore_blocks nor image_size is set; see
-    DEFAULT_BLOCKS."""
-    return SMALL_IMAGE_BLOCKS if is_small(median_size(paths)) else DEFAULT_BLOCKS
+    """The blocks for a fit on these images when neither patchcore_blocks nor image_size is set."""
+    return image_defaults(paths)[1]
 
 
 def configured_blocks(config) -> tuple[int, ...]:

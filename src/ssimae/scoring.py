@@ -7,9 +7,9 @@
 
 Either may leave out a margin of the map: `margin` of its height and width at each side. PatchCore's
 maps score high near the image border on good images too (not the backbone's zero padding: with the
-input reflect-padded the rise stayed, bench/README.md); its image score leaves out the outer 1/32 (one stride-8 feature cell at 256x256), which raised its image
-AUROC on the 6 of 13 data sets below 1.000 and lowered it on none (bench/README.md). Masks keep the
-whole map.
+input reflect-padded the rise stayed, bench/README.md). Its image score leaves out the outer 1/32 (one
+stride-8 feature cell at 256x256), which raised its image AUROC on the 6 of 13 data sets below 1.000
+and lowered it on none (bench/README.md). Masks keep the whole map.
 """
 
 from __future__ import annotations

@@ -289,13 +289,13 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
     log.info("fitting %s on %d images, validating on %d%s", config.method, len(split.train), len(split.validation),
              f" ({rank.world} processes)" if rank.distributed else "")
     if config.method == "patchcore":  # the defaults that depend on the images, fixed now so predict uses the same
-        from .patchcore import DEFAULT_BLOCKS, default_blocks, default_image_size
+        from .patchcore import DEFAULT_BLOCKS, image_defaults
 
         efficientnet = config.feature_net.lower() == EFFICIENTNET_NAME
         blocks = DEFAULT_BLOCKS  # the small-image blocks were measured with the small-image size only
         if config.image_size is None:
-            config = replace(config, image_size=default_image_size(split.train))
-            blocks = default_blocks(split.train)
+            size, blocks = image_defaults(split.train)
+            config = replace(config, image_size=size)
         if not config.patchcore_blocks and efficientnet:  # unset, or set empty
             config = replace(config, patchcore_blocks=blocks)
         log.info("patchcore: working size %s%s", config.image_size,
