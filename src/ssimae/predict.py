@@ -197,11 +197,18 @@ def predict_folder(
     barrier()
     scores = ScoresFile(output_dir / ("scores.csv" if not rank.distributed else f"scores.rank{rank.rank}.csv"))
 
-    def outputs(path: Path, image: np.ndarray) -> tuple[dict, Callable[[], None]]:
-        """The score row of one image and the job that writes its files."""
-        result = detector.predict(image, override)
-        row = score_row(str(path.relative_to(base)), result, threshold, image_threshold)
-        return row, lambda: write_outputs(output_dir, names[path], image, result, row)
+    def outputs(path: Path, image: np.ndarray) -> Callable[[], dict]:
+        """The anomaly map of one image, computed here, and the job that decides on it (mask, score,
+        verdict), writes its files and returns its score row, to run beside the next image's map."""
+        amap = detector.anomaly_map(image)
+
+        def job() -> dict:
+            result = detector.decide(amap, override)
+            row = score_row(str(path.relative_to(base)), result, threshold, image_threshold)
+            write_outputs(output_dir, names[path], image, result, row)
+            return row
+
+        return job
 
     try:
         rows, errors = _run(shard(paths, rank), base, detector, outputs, scores, progress, overlap, strict)
@@ -221,8 +228,9 @@ def predict_folder(
 
 def _run(paths: list[Path], base: Path, detector: Detector, outputs, scores: ScoresFile, progress, overlap: bool,
          strict: bool) -> tuple[list[dict], list[tuple[str, str]]]:
-    """The loop over images: a reader thread reads the next image and WRITERS threads write the
-    previous images' files while the current one is computed (bench/speed.py measures the gain).
+    """The loop over images: a reader thread reads the next image and WRITERS threads decide on and
+    write the previous images' files while the current one's map is computed (bench/speed.py measures
+    the gain).
     Images over OVERLAP_MAX_PIXELS are done one at a time, so memory stays that of one image."""
     rows, errors, warned = [], [], set()
     if not paths:
@@ -233,8 +241,7 @@ def _run(paths: list[Path], base: Path, detector: Detector, outputs, scores: Sco
         next_read, writing = reader.submit(_read, paths[0], limit), collections.deque()
 
         def finish_oldest() -> None:
-            future, row = writing.popleft()
-            future.result()  # re-raises write errors in order
+            row = writing.popleft().result()  # re-raises write errors in order
             scores.add(row)
             rows.append(row)
 
@@ -252,11 +259,11 @@ def _run(paths: list[Path], base: Path, detector: Detector, outputs, scores: Sco
                     errors.append((str(path.relative_to(base)), reason))
                 else:
                     warn_colour_mismatch(image, detector, path, warned)
-                    row, job = outputs(path, image)
+                    job = outputs(path, image)
                     del image
                     while len(writing) >= (WRITERS if small else 1):  # bounded memory
                         finish_oldest()
-                    writing.append((writer.submit(job), row))
+                    writing.append(writer.submit(job))
                     if not small:  # a large image: finish its files before reading the next one
                         finish_oldest()
                 if next_read is None and index + 1 < len(paths):
