@@ -13,6 +13,8 @@ Sections
     infer    inference patches/s (model + residual map): torch NHWC, torch NCHW, ONNX Runtime, reference
     predict  ms per 1024x1024 gray image: --image-size 256 at stride 30, and full size at stride 30
     folder   images/s over a folder of 1024x1024 PNGs (--image-size 256, stride 30), I/O overlapped or not
+    outputs  ms per 1024x1024 image of what predict does besides the network (mask, score and verdict,
+             overlay picture, PNG and TIFF encoding), against the Pillow and scipy ways it replaced
     load     peak RSS and time of `ssimae predict` on 2,000 small images in one process
     memory   peak RSS of `ssimae predict` on one 8192x8192 gray image at full size (stride 128: memory does
              not depend on the stride, time does), and on a 1024x1024 image, each in a fresh subprocess
@@ -52,7 +54,7 @@ from ssimae.losses import SsimSettings, l2_loss, make_loss  # noqa: E402
 from ssimae.models import ConvAutoencoder, build_model  # noqa: E402
 from ssimae.train import patch_batches, train_one_epoch  # noqa: E402
 
-SECTIONS = ("machine", "ssim", "train", "infer", "predict", "folder", "memory", "load")
+SECTIONS = ("machine", "ssim", "train", "infer", "predict", "folder", "outputs", "memory", "load")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -462,6 +464,66 @@ def section_folder(ctx: dict, rounds: int, count: int, workdir: Path) -> dict:
     return t
 
 
+def section_outputs(ctx: dict, rounds: int, workdir: Path) -> dict:
+    """The per-image work of predict's writer threads, one thread: on a GPU it limits predict."""
+    print(f"\n== outputs: ms per 1024x1024 gray image, besides the network, 1 thread ({load()})")
+    import io
+
+    from scipy import ndimage
+
+    from ssimae.checkpoint import Thresholds
+    from ssimae.detector import Detector
+    from ssimae.overlay import contour, verdict_overlay
+    from ssimae.png import encode_png
+    from ssimae.predict import caption, score_row, write_outputs
+
+    image = (texture(1024, 1024, 0)[:, :, None] / 255).astype(np.float32)
+    amap = ndimage.gaussian_filter(np.abs(image[:, :, 0] - ndimage.gaussian_filter(image[:, :, 0], 8)), 2)
+    amap[400:460, 500:620] += 0.2  # a defect, so that the mask and the contour are not empty
+    pixel = float(np.quantile(amap, 0.99))
+    detector = Detector(Config(), lambda working: amap, Thresholds(pixel, "bench", float(amap.max()), "bench"), 1)
+    result = detector.decide(amap)
+    row_ = score_row("a.png", result, pixel, detector.image_threshold)
+    overlay = verdict_overlay(image, amap, result.mask, pixel, caption(row_), result.defective)
+    mask = result.mask.astype(np.uint8) * 255
+
+    def pillow_png(array, level):
+        return lambda: Image.fromarray(array).save(io.BytesIO(), format="PNG", compress_level=level)
+
+    def scipy_contour():
+        edge = result.mask & ~ndimage.binary_erosion(result.mask, iterations=1, border_value=0)
+        ndimage.binary_dilation(edge, iterations=1)
+
+    runs = {
+        "decide (mask, regions, score, verdict)": lambda: detector.decide(amap),
+        "overlay picture (verdict_overlay)": lambda: verdict_overlay(image, amap, result.mask, pixel, caption(row_),
+                                                                     result.defective),
+        "contour, numpy shifts (package)": lambda: contour(result.mask, True),
+        "contour, scipy binary morphology (before)": scipy_contour,
+        "overlay PNG, Up filter + zlib 1 (package)": lambda: encode_png(overlay),
+        "overlay PNG, Pillow level 1 (before)": pillow_png(overlay, 1),
+        "overlay PNG, Pillow default level 6": pillow_png(overlay, 6),
+        "mask PNG (package)": lambda: encode_png(mask),
+        "mask PNG, Pillow level 1 (before)": pillow_png(mask, 1),
+        "map TIFF (float32, Pillow)": lambda: Image.fromarray(amap, mode="F").save(io.BytesIO(), format="TIFF"),
+        "all files of one image (write_outputs)": lambda: write_outputs(workdir / "out-outputs", Path("a"), image,
+                                                                        result, row_),
+    }
+    t = best_of(runs, rounds)
+    sizes = {"overlay PNG, Up filter + zlib 1 (package)": len(encode_png(overlay))}
+    for name, level in (("overlay PNG, Pillow level 1 (before)", 1), ("overlay PNG, Pillow default level 6", 6)):
+        buffer = io.BytesIO()
+        Image.fromarray(overlay).save(buffer, format="PNG", compress_level=level)
+        sizes[name] = len(buffer.getvalue())
+    for name, seconds in t.items():
+        size = f"{sizes[name] / 1e6:.2f} MB" if name in sizes else ""
+        row(name, f"{seconds * 1000:.1f} ms", size)
+    row("overlay PNG: package over Pillow level 1", f"{t['overlay PNG, Pillow level 1 (before)'] / t['overlay PNG, Up filter + zlib 1 (package)']:.2f}x")
+    row("contour: package over scipy", f"{t['contour, scipy binary morphology (before)'] / t['contour, numpy shifts (package)']:.1f}x")
+    print(f"  ({load()})")
+    return t
+
+
 MEMORY_SCRIPT = r"""
 import sys, time
 from ssimae.cli import main
@@ -563,6 +625,8 @@ def main(argv=None) -> int:
             section_predict(ctx, rounds, work)
         if "folder" in sections:
             section_folder(ctx, 1, folder_images, work)
+        if "outputs" in sections:
+            section_outputs(ctx, rounds, work)
         if "memory" in sections:
             section_memory(ctx, work, tuple(args.memory_backends.split(",")))
         if "load" in sections:
