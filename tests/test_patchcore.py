@@ -54,8 +54,8 @@ def test_nearest_distances_are_exact_across_chunks(monkeypatch):
 
     queries, bank = torch.randn(50, 8), torch.randn(70, 8)
     expected = torch.cdist(queries, bank).min(dim=1).values
-    monkeypatch.setattr(patchcore, "QUERY_CHUNK", 16)
-    monkeypatch.setattr(patchcore, "BANK_CHUNK", 9)
+    for name, size in (("QUERY_CHUNK", 16), ("BANK_CHUNK", 9), ("CPU_QUERY_CHUNK", 16), ("CPU_BANK_CHUNK", 9)):
+        monkeypatch.setattr(patchcore, name, size)  # the CPU's sizes and the others (GPU, ONNX export)
     torch.testing.assert_close(nearest_distances(queries, bank), expected, atol=1e-4, rtol=0)
 
 
