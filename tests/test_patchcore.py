@@ -175,7 +175,7 @@ def test_the_working_size_and_the_blocks_change_for_small_images_only(tmp_path):
     assert default_image_size(small + [tmp_path / "broken.png"]) == "256x384"  # 4 x (64 wide, 96 high)
     assert default_image_size(large) == "256x256"
     assert default_image_size([tmp_path / "broken.png"]) == "256x256"
-    assert default_blocks(small + [tmp_path / "broken.png"]) == "2,4"
+    assert default_blocks(small + [tmp_path / "broken.png"]) == "0"
     assert default_blocks(large) == default_blocks([tmp_path / "broken.png"]) == "4,10,14"
 
 
@@ -192,13 +192,13 @@ def test_a_fit_records_the_working_size_it_chose(tmp_path):
     result = fit(Config(**{**SETTINGS, "image_size": None}), tmp_path / "good", tmp_path / "run", progress=False)
     checkpoint = Checkpoint.load(result.checkpoint)
     assert checkpoint.config.image_size == "192x160"  # 4 x (48 wide, 40 high), used by predict too
-    assert checkpoint.config.patchcore_blocks == "2,4"
+    assert checkpoint.config.patchcore_blocks == "0"
     explicit = fit(Config(**{**SETTINGS, "image_size": None, "patchcore_blocks": "4"}), tmp_path / "good",
                    tmp_path / "run4", progress=False)
     assert Checkpoint.load(explicit.checkpoint).config.patchcore_blocks == "4"  # a setting given wins
     empty = fit(Config(**{**SETTINGS, "image_size": None, "patchcore_blocks": ""}), tmp_path / "good",
                 tmp_path / "run-empty", progress=False)
-    assert Checkpoint.load(empty.checkpoint).config.patchcore_blocks == "2,4"  # set empty = not set
+    assert Checkpoint.load(empty.checkpoint).config.patchcore_blocks == "0"  # set empty = not set
     detector = load_detector(result.checkpoint, overrides={"device": "cpu"})
     assert detector.preprocess(np.zeros((40, 48, 1), np.float32)).shape == (160, 192, 1)
 

@@ -101,7 +101,7 @@ class Config:
     feature_cut: int | None = None  # layers of the feature net kept; None = its default
     feature_weights: str | None = None  # local weights file for a torchvision feature net
     # --- patchcore
-    patchcore_blocks: str | None = None  # EfficientNet-Lite0 blocks whose outputs are the patch features; empty = 4,10,14, or 2,4 where image_size is empty too and the training images are at most 128 px (the fit records which)
+    patchcore_blocks: str | None = None  # EfficientNet-Lite0 blocks whose outputs are the patch features; empty = 4,10,14, or 0 where image_size is empty too and the training images are at most 128 px (the fit records which)
     patchcore_neighbourhood: int = 3  # each feature averaged over its k x k neighbourhood
     memory_bank_size: int = 16384  # upper bound of the memory bank (the greedy coreset's size)
     coreset_projection: int = 128  # dimensions of the random projection the coreset distances use

@@ -49,13 +49,13 @@ DEFAULT_SIZE = METHOD_IMAGE_SIZE["patchcore"]
 SMALL_SIDE = 128
 UPSAMPLE = 4
 # PatchCore's blocks when patchcore_blocks is not set: stages 3, 4 and 5 (strides 8, 16, 32). For small
-# images at their default 4x enlargement, the stride-4 and stride-8 blocks 2 and 4 instead: their grid
-# lies one image pixel apart, and likely the small spots these images have are then not averaged into the
-# wider context. On PIPED's 12 types (all 128x128, the only small images measured) AU-PRO rose by
-# 0.04-0.19 against blocks 4,10,14 at the same 512x512, and image AUROC rose or stayed at 1.000
-# (bench/README.md); on magnetic_tile (not small) blocks 2,4 gave AU-PRO 0.723 against 0.741.
+# images at their default 4x enlargement, block 0 alone (16 channels, stride 2: its grid lies half an
+# image pixel apart). The small spots these images have are then matched by their own edges and contrast
+# rather than averaged into a wider context. On PIPED's 12 types (all 128x128, the only small images
+# measured) it raised AU-PRO on every type against blocks 2,4 (the earlier small-image default) and 4,10,14
+# at the same 512x512 (bench/README.md). Larger images such as magnetic_tile's keep 4,10,14.
 DEFAULT_BLOCKS = "4,10,14"
-SMALL_IMAGE_BLOCKS = "2,4"
+SMALL_IMAGE_BLOCKS = "0"
 QUERY_CHUNK = 4096  # patch features per distance matrix: memory stays QUERY_CHUNK x BANK_CHUNK floats
 BANK_CHUNK = 16384
 # On the CPU a distance matrix that stays in cache is faster: 1024 x 2048 (8 MB) took 0.55-0.67 of the
