@@ -18,7 +18,7 @@ import numpy as np
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOUR_TYPES = {1: 0, 3: 2}  # channels -> PNG colour type: gray, RGB
 UP_FILTER = 2
-COMPRESSION_LEVEL = 1  # zlib level: 1 is 2.6x faster than Pillow's default 6 for a 1.5x larger overlay
+COMPRESSION_LEVEL = 1  # zlib level: Pillow's default 6 took 2.6-7x as long for a 5-33% smaller overlay
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
