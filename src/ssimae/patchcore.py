@@ -43,8 +43,9 @@ BLOCKS = {0: (16, 2), 1: (24, 4), 2: (24, 4), 3: (40, 8), 4: (40, 8), 5: (80, 16
 RESNET_LAYERS = ("layer2", "layer3")  # strides 8 and 16, as the paper takes from WideResNet-50
 # PatchCore's working size when image_size is not set: 256x256, measured best on magnetic_tile; small
 # images (median shorter side of the training images at most SMALL_SIDE pixels, like PIPED's 128x128)
-# are enlarged UPSAMPLE times instead, so that the stride-8 features lie 2 image pixels apart rather
-# than 4: on all 12 PIPED types AU-PRO rose, by 0.03-0.26 (bench/README.md).
+# are enlarged UPSAMPLE times instead. Measured first with blocks 4,10,14, whose stride-8 features then lie
+# 2 image pixels apart rather than 4 (AU-PRO up 0.03-0.26 on all 12 PIPED types), and kept for the small-image
+# blocks below, whose stride-2 grid it puts half an image pixel apart (bench/README.md).
 DEFAULT_SIZE = METHOD_IMAGE_SIZE["patchcore"]
 SMALL_SIDE = 128
 UPSAMPLE = 4
