@@ -119,3 +119,19 @@ def test_the_report_names_methods_below_the_no_network_floor(tmp_path):
     page = write_report(run).read_text()
     assert "AU-PRO vs floor" in page and "-0.200" in page and "+0.200" in page
     assert "Below the no-network floor" in (run / "metrics.md").read_text()
+
+
+def test_the_floor_sentence_explains_a_flat_ssim_ae_only_where_its_output_is_flat(tmp_path):
+    from ssimae.report import FLAT_SSIM_AE, floor_sentence
+
+    results = json.loads((fake_run(tmp_path, ["ssim-ae", "l2-ae", "blur"]) / "metrics.json").read_text())
+    for method, au_pro in (("ssim-ae", 0.4), ("l2-ae", 0.5), ("blur", 0.6)):
+        results["results"][method]["metrics"]["au_pro"] = au_pro
+    results["results"]["ssim-ae"]["training"]["fidelity_corr"] = 0.02
+    assert floor_sentence(results).endswith(FLAT_SSIM_AE)
+    results["results"]["ssim-ae"]["training"]["fidelity_corr"] = 0.9  # reconstructs: the explanation does not apply
+    assert FLAT_SSIM_AE not in floor_sentence(results)
+    results["results"]["ssim-ae"]["training"]["fidelity_corr"] = 0.02
+    results["results"]["ssim-ae"]["metrics"]["au_pro"] = 0.7  # above the floor: nothing to explain
+    assert floor_sentence(results) == "Below the no-network floor (blur, AU-PRO 0.600): l2-ae. Their maps find " \
+        "less than a filter residual does on these images."
