@@ -329,8 +329,12 @@ def flat_ssim_ae_below(results: dict, below: list[str]) -> bool:
     """True where the ssim-ae is below the floor with a near-flat output (the case FLAT_SSIM_AE explains)."""
     if "ssim-ae" not in below:
         return False
-    fidelity = results["results"]["ssim-ae"].get("training", {}).get("fidelity_corr")
-    return fidelity is not None and fidelity < LOW_FIDELITY
+    return is_low_fidelity(results["results"]["ssim-ae"].get("training", {}).get("fidelity_corr"))
+
+
+def is_low_fidelity(value: float | None) -> bool:
+    """A reconstruction fidelity so low that the model likely outputs one image for every input."""
+    return value is not None and value < LOW_FIDELITY
 
 
 def _summary_table(results: dict) -> str:
@@ -385,7 +389,7 @@ def _decision_table(results: dict) -> str:
 
 def _fidelity_class(value: float | None) -> str:
     """Flag a reconstruction fidelity so low that the model likely outputs one image for every input."""
-    return ' class="warn"' if value is not None and value < LOW_FIDELITY else ""
+    return ' class="warn"' if is_low_fidelity(value) else ""
 
 
 def _css_color(method: str) -> str:
