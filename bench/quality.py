@@ -1,5 +1,5 @@
 """Quality benchmark: fit every method on real data sets with a fixed budget, evaluate, and write the
-results table (the README's), with the figures a user acts on and what each fit cost.
+results table, with the figures a user acts on and what each fit cost.
 
 Budgets: the reconstruction methods get a number of optimiser steps (400 on magnetic_tile, 150 on each
 PIPED type, batch 128) and at most --max-fit-minutes of fit; PatchCore and the blur floor have no
@@ -9,7 +9,10 @@ OUTPUT/maps/<data set>-<method>.npz, so image scores and threshold rules can be 
 
     python bench/quality.py                                         # everything: hours on 2 cores
     python bench/quality.py --datasets PA_BDP01_TL --methods blur,patchcore
-    python bench/quality.py --update-readme                         # rewrite the README's table
+
+Each run rewrites OUTPUT/results.md, the table of every run so far. The README's results tables are
+curated from it (grouped per data set, with notes on what limits each figure), so the bench does not
+write the README itself.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 PIPED_TYPES = ("PA_BDP01_TL", "PA_BFT01_TL", "PA_BRG01_RL", "PA_BRG02_RL", "PA_BRG03_TL", "PA_BTN01_RL",
                "PA_FLR01_TL", "PA_FLR02_TL", "PA_FVN01_TL", "PA_FVN02_RL", "PA_GLA01_TL", "PA_ZPB01_RL")
-README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 KEYS = ("pixel_auroc", "au_pro", "image_auroc", "image_auroc_max", "pixel_f1", "pixel_f1_max", "image_accuracy",
         "image_accuracy_best", "image_precision", "image_recall", "good_images_flagged")
 
@@ -144,16 +146,6 @@ def markdown_table(results: list[dict], machine_text: str) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if README_START not in text:
-        sys.exit(f"quality.py: README.md has no {README_START} marker")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{table}\n{README_END}{tail}")
-
-
 def parse_overrides(items: list[str]) -> dict:
     overrides = {}
     for item in items:
@@ -176,7 +168,6 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "quality")
     parser.add_argument("--tag", default="", help="suffix of the run and map names (several configurations side by side)")
-    parser.add_argument("--update-readme", action="store_true")
     parser.add_argument("--trained", type=Path, default=None,
                         help="evaluate TRAINED/<data set>-<method>[-<preset>][-<tag>]/checkpoint.pt where it exists "
                              "instead of fitting (checkpoints fitted on another machine)")
@@ -211,8 +202,6 @@ def main() -> int:
     table = markdown_table(results, machine())
     (args.output / "results.md").write_text(table + "\n")
     print(table)
-    if args.update_readme:
-        update_readme(table)
     return 0
 
 
