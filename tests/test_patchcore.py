@@ -12,7 +12,8 @@ from ssimae.blur import BlurResidual, gaussian_taps
 from ssimae.checkpoint import Checkpoint
 from ssimae.config import Config
 from ssimae.detector import load_detector
-from ssimae.patchcore import build_patchcore, default_blocks, default_image_size, greedy_coreset, nearest_distances
+from ssimae.patchcore import (build_patchcore, default_blocks, default_image_size, default_pool, greedy_coreset,
+                              nearest_distances)
 from ssimae.train import fit
 
 SETTINGS = dict(method="patchcore", image_size="128x128", memory_bank_size=300, device="cpu", val_fraction=0.2)
@@ -97,8 +98,9 @@ def test_the_bank_round_trips_through_the_checkpoint(planted, tmp_path):
     _, result = planted
     checkpoint = Checkpoint.load(result.checkpoint)
     bank = checkpoint.weights["bank"]
-    # small images at a size the user set: the usual blocks, recorded by the fit
+    # small images at a size the user set: the usual blocks and pool, recorded by the fit
     assert checkpoint.config.patchcore_blocks == "4,10,14"
+    assert checkpoint.config.coreset_pool == 250000
     assert bank.ndim == 2 and bank.shape[0] == 300 and bank.shape[1] == 40 + 112 + 192  # blocks 4, 10, 14
     checkpoint.save(tmp_path / "copy.pt")
     network = Checkpoint.load(tmp_path / "copy.pt").network()
@@ -167,7 +169,7 @@ def test_only_a_seeded_random_pool_of_the_features_enters_the_coreset():
     assert not torch.equal(other.bank, model.bank)
 
 
-def test_the_working_size_and_the_blocks_change_for_small_images_only(tmp_path):
+def test_the_working_size_blocks_and_pool_change_for_small_images_only(tmp_path):
     rng = np.random.default_rng(0)
     small = [write_png(tmp_path / "small" / f"{i}.png", texture_png(96, 64, rng)) for i in range(3)]
     large = [write_png(tmp_path / "large" / f"{i}.png", texture_png(300 + 10 * i, 200, rng)) for i in range(3)]
@@ -177,6 +179,8 @@ def test_the_working_size_and_the_blocks_change_for_small_images_only(tmp_path):
     assert default_image_size([tmp_path / "broken.png"]) == "256x256"
     assert default_blocks(small + [tmp_path / "broken.png"]) == "0"
     assert default_blocks(large) == default_blocks([tmp_path / "broken.png"]) == "4,10,14"
+    assert default_pool(small) == 50000
+    assert default_pool(large) == default_pool([tmp_path / "broken.png"]) == 250000
 
 
 def test_a_config_without_blocks_builds_the_default_blocks():
@@ -193,9 +197,11 @@ def test_a_fit_records_the_working_size_it_chose(tmp_path):
     checkpoint = Checkpoint.load(result.checkpoint)
     assert checkpoint.config.image_size == "192x160"  # 4 x (48 wide, 40 high), used by predict too
     assert checkpoint.config.patchcore_blocks == "0"
-    explicit = fit(Config(**{**SETTINGS, "image_size": None, "patchcore_blocks": "4"}), tmp_path / "good",
-                   tmp_path / "run4", progress=False)
+    assert checkpoint.config.coreset_pool == 50000
+    explicit = fit(Config(**{**SETTINGS, "image_size": None, "patchcore_blocks": "4", "coreset_pool": 1000}),
+                   tmp_path / "good", tmp_path / "run4", progress=False)
     assert Checkpoint.load(explicit.checkpoint).config.patchcore_blocks == "4"  # a setting given wins
+    assert Checkpoint.load(explicit.checkpoint).config.coreset_pool == 1000
     empty = fit(Config(**{**SETTINGS, "image_size": None, "patchcore_blocks": ""}), tmp_path / "good",
                 tmp_path / "run-empty", progress=False)
     assert Checkpoint.load(empty.checkpoint).config.patchcore_blocks == "0"  # set empty = not set

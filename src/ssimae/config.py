@@ -105,7 +105,7 @@ class Config:
     patchcore_neighbourhood: int = 3  # each feature averaged over its k x k neighbourhood
     memory_bank_size: int = 16384  # upper bound of the memory bank (the greedy coreset's size)
     coreset_projection: int = 128  # dimensions of the random projection the coreset distances use
-    coreset_pool: int = 250000  # at most this many patch features (a random sample) enter the greedy coreset:
+    coreset_pool: int | None = None  # at most this many patch features (a random sample) enter the greedy coreset; empty = 250000, or 50000 where image_size is empty too and the training images are at most 128 px (the fit records which)
     # its time grows with pool x bank size (magnetic_tile's 700k features took ~25 CPU minutes; bench/README.md)
     # --- blur (the no-network floor)
     blur_sigma: float = 8.0  # std (pixels) of the Gaussian each image is compared with
@@ -170,7 +170,7 @@ class Config:
             )
         for name in ("latent_dim", "patches_per_epoch", "epochs", "batch_size", "infer_batch_size", "max_image_pixels",
                      "patchcore_neighbourhood", "memory_bank_size", "coreset_projection", "coreset_pool"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SettingError(name, f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise SettingError("val_fraction", f"val_fraction {self.val_fraction} must be in [0, 1)")

@@ -289,17 +289,20 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
     log.info("fitting %s on %d images, validating on %d%s", config.method, len(split.train), len(split.validation),
              f" ({rank.world} processes)" if rank.distributed else "")
     if config.method == "patchcore":  # the defaults that depend on the images, fixed now so predict uses the same
-        from .patchcore import DEFAULT_BLOCKS, image_defaults
+        from .patchcore import DEFAULT_BLOCKS, DEFAULT_POOL, ImageDefaults, image_defaults
 
         efficientnet = config.feature_net.lower() == EFFICIENTNET_NAME
-        blocks = DEFAULT_BLOCKS  # the small-image blocks were measured with the small-image size only
+        # the small-image blocks and pool were measured with the small-image size only
+        defaults = ImageDefaults(config.image_size, DEFAULT_BLOCKS, DEFAULT_POOL)
         if config.image_size is None:
-            size, blocks = image_defaults(split.train)
-            config = replace(config, image_size=size)
+            defaults = image_defaults(split.train)
+            config = replace(config, image_size=defaults.size)
         if not config.patchcore_blocks and efficientnet:  # unset, or set empty
-            config = replace(config, patchcore_blocks=blocks)
-        log.info("patchcore: working size %s%s", config.image_size,
-                 f", blocks {config.patchcore_blocks}" if efficientnet else "")
+            config = replace(config, patchcore_blocks=defaults.blocks)
+        if config.coreset_pool is None:
+            config = replace(config, coreset_pool=defaults.pool)
+        log.info("patchcore: working size %s%s, coreset pool %d", config.image_size,
+                 f", blocks {config.patchcore_blocks}" if efficientnet else "", config.coreset_pool)
     train_images = load_images(split.train, config)
     channels = train_images[0].shape[2]
     if rank.main:
