@@ -105,7 +105,7 @@ class Config:
     patchcore_neighbourhood: int = 3  # each feature averaged over its k x k neighbourhood
     memory_bank_size: int = 16384  # upper bound of the memory bank (the greedy coreset's size)
     coreset_projection: int = 128  # dimensions of the random projection the coreset distances use
-    coreset_pool: int | None = None  # at most this many patch features (a random sample) enter the greedy coreset; empty = 250000, or 50000 where image_size is empty too and the training images are at most 128 px (the fit records which)
+    coreset_pool: int | None = None  # at most this many patch features (a random sample) enter the greedy coreset; empty = 250000, or 50000 for efficientnet-lite0 where image_size is empty too and the training images are at most 128 px (the fit records which)
     # its time grows with pool x bank size (magnetic_tile's 700k features took ~25 CPU minutes; bench/README.md)
     # --- blur (the no-network floor)
     blur_sigma: float = 8.0  # std (pixels) of the Gaussian each image is compared with

@@ -60,8 +60,8 @@ SMALL_IMAGE_BLOCKS = "0"
 # How many patch features (a random sample) enter the greedy coreset when coreset_pool is not set. The
 # greedy coreset takes in the rarest features first, and a rare training feature in the bank makes a
 # similar defect look normal: a small image's 2.3 million block-0 features gave a better bank from a pool of
-# 50,000 than from 250,000 (AU-PRO at or above on all 12 PIPED types, fit 0.5-0.6 minutes against 1.3-1.8;
-# below 50,000 no further gain). magnetic_tile's 700k features keep 250,000: there 50,000 gave the same
+# 50,000 than from 250,000 (AU-PRO higher on 11 of the 12 PIPED types, 0.0002 lower on the 12th; fit 0.5-0.7
+# minutes against 1.3-1.8; below 50,000 no further gain). Measured with EfficientNet-Lite0's block 0 only. magnetic_tile's 700k features keep 250,000: there 50,000 gave the same
 # AU-PRO (0.742 / 0.741) with pixel ROC AUC 0.801 against 0.812 and image AUROC 0.907 against 0.931.
 DEFAULT_POOL = 250000
 SMALL_IMAGE_POOL = 50000

@@ -300,7 +300,7 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
         if not config.patchcore_blocks and efficientnet:  # unset, or set empty
             config = replace(config, patchcore_blocks=defaults.blocks)
         if config.coreset_pool is None:
-            config = replace(config, coreset_pool=defaults.pool)
+            config = replace(config, coreset_pool=defaults.pool if efficientnet else DEFAULT_POOL)
         log.info("patchcore: working size %s%s, coreset pool %d", config.image_size,
                  f", blocks {config.patchcore_blocks}" if efficientnet else "", config.coreset_pool)
     train_images = load_images(split.train, config)
