@@ -55,9 +55,23 @@ def test_nearest_distances_are_exact_across_chunks(monkeypatch):
 
     queries, bank = torch.randn(50, 8), torch.randn(70, 8)
     expected = torch.cdist(queries, bank).min(dim=1).values
-    for name, size in (("QUERY_CHUNK", 16), ("BANK_CHUNK", 9), ("CPU_QUERY_CHUNK", 16), ("CPU_BANK_CHUNK", 9)):
-        monkeypatch.setattr(patchcore, name, size)  # the CPU's sizes and the others (GPU, ONNX export)
+    for name, size in (("QUERY_CHUNK", 16), ("BANK_CHUNK", 9), ("CPU_QUERY_CHUNK", 16), ("CPU_BANK_CHUNK", 9),
+                       ("KDTREE_MAX_DIM", 0)):  # the CPU's sizes and the others (GPU, ONNX export); no k-d tree
+        monkeypatch.setattr(patchcore, name, size)
     torch.testing.assert_close(nearest_distances(queries, bank), expected, atol=1e-4, rtol=0)
+
+
+def test_nearest_distances_of_few_dimensions_are_exact():
+    # block 0's 16 dimensions go through the k-d tree on the CPU: exact, even at a distance of 0, where the
+    # distance matrices' |q|^2 - 2 q.m + |m|^2 in float32 leaves up to about 1e-3
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(300, 16, generator=generator), torch.randn(500, 16, generator=generator)
+    queries[:5] = bank[:5]
+    distances = nearest_distances(queries, bank)
+    assert distances.dtype == torch.float32 and distances.shape == (300,)
+    expected = torch.cdist(queries.double(), bank.double()).min(dim=1).values.float()
+    torch.testing.assert_close(distances, expected, atol=1e-5, rtol=0)
+    assert float(distances[:5].max()) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +152,26 @@ def test_onnx_export_agrees_with_torch(planted, tmp_path):
             # summation order, so the agreement is relative: within 1e-5 (measured ~5e-6).
             np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=0)
             assert ours.max() > 1
+
+
+def test_onnx_export_of_a_small_image_patchcore_agrees_with_torch(tmp_path):
+    # block 0's 16 dimensions: torch searches with the k-d tree, the ONNX graph with distance matrices
+    from ssimae.export import export_onnx
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_png(tmp_path / "good" / f"{i}.png", texture_png(40, 48, rng, period=9))
+    result = fit(Config(**{**SETTINGS, "image_size": None}), tmp_path / "good", tmp_path / "run", progress=False)
+    torch_detector = load_detector(result.checkpoint, overrides={"device": "cpu"})
+    assert torch_detector.config.patchcore_blocks == "0"
+    onnx_detector = load_detector(export_onnx(result.checkpoint, tmp_path / "small.onnx"), "onnxruntime",
+                                  {"device": "cpu"})
+    for seed in (1, 2):
+        picture = texture(40, 48, np.random.default_rng(seed), period=9)[:, :, None]
+        picture[10:16, 20:26] = 0.0  # a dark spot
+        ours, expected = onnx_detector.anomaly_map(picture), torch_detector.anomaly_map(picture)
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
+        assert ours.max() > 0.1
 
 
 @pytest.mark.slow
