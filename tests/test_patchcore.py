@@ -12,7 +12,7 @@ from ssimae.blur import BlurResidual, gaussian_taps
 from ssimae.checkpoint import Checkpoint
 from ssimae.config import Config
 from ssimae.detector import load_detector
-from ssimae.patchcore import (build_patchcore, default_blocks, default_image_size, default_pool, greedy_coreset,
+from ssimae.patchcore import (build_patchcore, default_blocks, default_image_size, greedy_coreset, image_defaults,
                               nearest_distances)
 from ssimae.train import fit
 
@@ -213,8 +213,8 @@ def test_the_working_size_blocks_and_pool_change_for_small_images_only(tmp_path)
     assert default_image_size([tmp_path / "broken.png"]) == "256x256"
     assert default_blocks(small + [tmp_path / "broken.png"]) == "0"
     assert default_blocks(large) == default_blocks([tmp_path / "broken.png"]) == "4,10,14"
-    assert default_pool(small) == 50000
-    assert default_pool(large) == default_pool([tmp_path / "broken.png"]) == 250000
+    assert image_defaults(small).pool == 50000
+    assert image_defaults(large).pool == image_defaults([tmp_path / "broken.png"]).pool == 250000
 
 
 def test_a_config_without_blocks_builds_the_default_blocks():

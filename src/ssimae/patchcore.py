@@ -62,8 +62,9 @@ SMALL_IMAGE_BLOCKS = "0"
 # greedy coreset takes in the rarest features first, and a rare training feature in the bank makes a
 # similar defect look normal: a small image's 2.3 million block-0 features gave a better bank from a pool of
 # 50,000 than from 250,000 (AU-PRO higher on 11 of the 12 PIPED types, 0.0002 lower on the 12th; fit 0.5-0.7
-# minutes against 1.3-1.8; below 50,000 no further gain). Measured with EfficientNet-Lite0's block 0 only. magnetic_tile's 700k features keep 250,000: there 50,000 gave the same
-# AU-PRO (0.742 / 0.741) with pixel ROC AUC 0.801 against 0.812 and image AUROC 0.907 against 0.931.
+# minutes against 1.3-1.8; below 50,000 no further gain). Measured with EfficientNet-Lite0's block 0 only.
+# magnetic_tile's 700k features keep 250,000: there 50,000 gave the same AU-PRO (0.742 / 0.741) with pixel
+# ROC AUC 0.801 against 0.812 and image AUROC 0.907 against 0.931.
 DEFAULT_POOL = 250000
 SMALL_IMAGE_POOL = 50000
 QUERY_CHUNK = 4096  # patch features per distance matrix: memory stays QUERY_CHUNK x BANK_CHUNK floats
@@ -313,11 +314,6 @@ def default_image_size(paths: list) -> str:
 def default_blocks(paths: list) -> str:
     """The blocks for a fit on these images when neither patchcore_blocks nor image_size is set."""
     return image_defaults(paths).blocks
-
-
-def default_pool(paths: list) -> int:
-    """The coreset pool for a fit on these images when neither coreset_pool nor image_size is set."""
-    return image_defaults(paths).pool
 
 
 def configured_blocks(config) -> tuple[int, ...]:
