@@ -203,6 +203,23 @@ def test_only_a_seeded_random_pool_of_the_features_enters_the_coreset():
     assert not torch.equal(other.bank, model.bank)
 
 
+def test_the_streamed_pool_is_the_seeded_sample_of_all_features_concatenated():
+    from ssimae.patchcore import feature_counts, fit_patchcore, greedy_coreset
+
+    rng = np.random.default_rng(1)
+    images = [texture(h, w, rng, period=7)[:, :, None] for h, w in ((64, 64), (40, 72), (64, 64), (33, 50))]
+    config = Config(**{**SETTINGS, "image_size": "keep", "memory_bank_size": 30, "coreset_pool": 100})
+    model = fit_patchcore(config, images, 1, torch.device("cpu"), progress=False)
+    with torch.no_grad():  # the reference: every feature held at once, then the seeded sample
+        every = [model.embed(torch.from_numpy(im).permute(2, 0, 1)[None])[0].flatten(1).T for im in images]
+    assert feature_counts(model, images) == [f.shape[0] for f in every]
+    every = torch.cat(every)
+    keep = torch.randperm(every.shape[0], generator=torch.Generator().manual_seed(config.seed))[:100].sort().values
+    pool = every[keep]
+    expected = pool[greedy_coreset(pool, 30, config.coreset_projection, config.seed)]
+    assert torch.equal(model.bank, expected)
+
+
 def test_the_working_size_blocks_and_pool_change_for_small_images_only(tmp_path):
     rng = np.random.default_rng(0)
     small = [write_png(tmp_path / "small" / f"{i}.png", texture_png(96, 64, rng)) for i in range(3)]

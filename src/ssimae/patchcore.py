@@ -17,6 +17,7 @@ The module holds the backbone and the bank, so a checkpoint needs nothing else.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -247,22 +248,36 @@ def grid_stride(config) -> int:
 @torch.inference_mode()
 def fit_patchcore(config, images: list[np.ndarray], channels: int, device: torch.device,
                   progress: bool = True) -> PatchCore:
-    """Extract the patch features of every training image, reduce them to the coreset, keep the bank."""
+    """Extract the patch features of every training image, reduce them to the coreset, keep the bank.
+
+    At most coreset_pool features (a seeded random sample of all of them) enter the coreset. The sample's
+    indices are drawn before extraction, from each image's feature count, and each image's sampled rows
+    are kept as it is embedded: memory is the pool, not every feature of every image (at the 8x working
+    size of a small image, 262,144 features of 16 floats each)."""
     model = build_patchcore(config, channels).to(device).eval()
     started = time.monotonic()
-    features = []
-    for image in tqdm(images, desc="patchcore features", unit="image", disable=not progress, dynamic_ncols=True):
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)  # (1, C, H, W)
-        embedded = model.embed(x)  # (1, D, h, w)
-        features.append(embedded[0].flatten(1).T.cpu())  # (h w, D)
-    features = torch.cat(features)  # (N, D)
-    log.info("patchcore: %d patch features of %d dimensions from %d images in %.0f s", features.shape[0],
-             features.shape[1], len(images), time.monotonic() - started)
-    pool = config.coreset_pool or DEFAULT_POOL
-    if features.shape[0] > pool:  # neighbouring features are alike: a random sample covers them
+    counts = feature_counts(model, images)
+    total, pool = sum(counts), config.coreset_pool or DEFAULT_POOL
+    keep = None
+    if total > pool:  # neighbouring features are alike: a random sample covers them
         generator = torch.Generator().manual_seed(config.seed)
-        keep = torch.randperm(features.shape[0], generator=generator)[:pool].sort().values
-        features = features[keep]
+        keep = torch.randperm(total, generator=generator)[:pool].sort().values
+    features = torch.empty(min(total, pool), model.bank.shape[1])
+    offset = filled = 0
+    for image, count in zip(tqdm(images, desc="patchcore features", unit="image", disable=not progress,
+                                 dynamic_ncols=True), counts):
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)  # (1, C, H, W)
+        embedded = model.embed(x)[0].flatten(1).T.cpu()  # (h w, D)
+        if embedded.shape[0] != count:
+            raise RuntimeError(f"patchcore: {embedded.shape[0]} features where feature_counts gave {count}")
+        if keep is not None:
+            low, high = torch.searchsorted(keep, torch.tensor([offset, offset + count])).tolist()
+            embedded = embedded[keep[low:high] - offset]
+        features[filled : filled + embedded.shape[0]] = embedded
+        offset, filled = offset + count, filled + embedded.shape[0]
+    log.info("patchcore: %d patch features of %d dimensions from %d images in %.0f s", total, features.shape[1],
+             len(images), time.monotonic() - started)
+    if keep is not None:
         log.info("patchcore: a random %d of them enter the coreset (coreset_pool)", pool)
     size = min(config.memory_bank_size, features.shape[0])
     started = time.monotonic()
@@ -272,6 +287,19 @@ def fit_patchcore(config, images: list[np.ndarray], channels: int, device: torch
     log.info("patchcore: memory bank of %d features (greedy coreset) in %.0f s", size, time.monotonic() - started)
     model.bank = features[chosen].contiguous().to(device)
     return model
+
+
+def feature_counts(model: PatchCore, images: list[np.ndarray]) -> list[int]:
+    """How many patch features embed gives each (H, W, C) image, from shapes alone: a copy of the model on
+    the meta device computes no values (milliseconds per distinct image size)."""
+    shapes = {image.shape for image in images}
+    meta = copy.deepcopy(model).to("meta")
+    counts = {}
+    with torch.no_grad():
+        for height, width, channels in shapes:
+            grid = meta.embed(torch.empty(1, channels, height, width, device="meta")).shape[-2:]
+            counts[(height, width, channels)] = grid[0] * grid[1]
+    return [counts[image.shape] for image in images]
 
 
 def median_size(paths: list) -> tuple[int, int] | None:
