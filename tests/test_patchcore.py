@@ -225,7 +225,7 @@ def test_the_working_size_blocks_and_pool_change_for_small_images_only(tmp_path)
     small = [write_png(tmp_path / "small" / f"{i}.png", texture_png(96, 64, rng)) for i in range(3)]
     large = [write_png(tmp_path / "large" / f"{i}.png", texture_png(300 + 10 * i, 200, rng)) for i in range(3)]
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    assert default_image_size(small + [tmp_path / "broken.png"]) == "256x384"  # 4 x (64 wide, 96 high)
+    assert default_image_size(small + [tmp_path / "broken.png"]) == "512x768"  # 8 x (64 wide, 96 high)
     assert default_image_size(large) == "256x256"
     assert default_image_size([tmp_path / "broken.png"]) == "256x256"
     assert default_blocks(small + [tmp_path / "broken.png"]) == "0"
@@ -246,7 +246,7 @@ def test_a_fit_records_the_working_size_it_chose(tmp_path):
         write_png(tmp_path / "good" / f"{i}.png", texture_png(40, 48, rng, period=9))
     result = fit(Config(**{**SETTINGS, "image_size": None}), tmp_path / "good", tmp_path / "run", progress=False)
     checkpoint = Checkpoint.load(result.checkpoint)
-    assert checkpoint.config.image_size == "192x160"  # 4 x (48 wide, 40 high), used by predict too
+    assert checkpoint.config.image_size == "384x320"  # 8 x (48 wide, 40 high), used by predict too
     assert checkpoint.config.patchcore_blocks == "0"
     assert checkpoint.config.coreset_pool == 50000
     explicit = fit(Config(**{**SETTINGS, "image_size": None, "patchcore_blocks": "4", "coreset_pool": 1000}),
@@ -257,7 +257,7 @@ def test_a_fit_records_the_working_size_it_chose(tmp_path):
                 tmp_path / "run-empty", progress=False)
     assert Checkpoint.load(empty.checkpoint).config.patchcore_blocks == "0"  # set empty = not set
     detector = load_detector(result.checkpoint, overrides={"device": "cpu"})
-    assert detector.preprocess(np.zeros((40, 48, 1), np.float32)).shape == (160, 192, 1)
+    assert detector.preprocess(np.zeros((40, 48, 1), np.float32)).shape == (320, 384, 1)
 
 
 # --------------------------------------------------------------------------- the blur floor

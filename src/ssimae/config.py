@@ -47,7 +47,7 @@ METHOD_IMAGE_SCORE = {"patchcore": "top-mean"}
 METHOD_IMAGE_SCORE_MARGIN = {"patchcore": 1 / 32}
 # The working size of each method when image_size is not set (the others keep each image's size):
 # PatchCore's features were measured best on magnetic_tile with images resized to 256x256 (bench/README.md);
-# a PatchCore fit on small images enlarges them 4x instead (patchcore.image_defaults).
+# a PatchCore fit on small images enlarges them 8x instead (patchcore.image_defaults).
 METHOD_IMAGE_SIZE = {"patchcore": "256x256"}
 # Enumerated settings that may be left empty for the method's own default.
 METHOD_DEFAULTED = ("image_score",)
@@ -72,7 +72,7 @@ class Config:
     patch_size: int = 128  # 128, or 256 for the extra-layer variant
     color: str = "gray"  # gray | rgb; the MVTec protocol ran the SSIM-AE on gray images
     # --- images
-    image_size: str | None = None  # "keep" the size, "256" resizes the shorter side, "320x240" is WxH; empty = the method's (keep; 256x256 for patchcore, 4x for images <= 128 px)
+    image_size: str | None = None  # "keep" the size, "256" resizes the shorter side, "320x240" is WxH; empty = the method's (keep; 256x256 for patchcore, 8x for images <= 128 px)
     max_image_pixels: int = 16384 * 16384  # larger images are refused before decoding (decompression-bomb guard)
     # --- training data
     patches_per_epoch: int = 10_000  # random crops per epoch

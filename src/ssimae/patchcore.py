@@ -45,18 +45,20 @@ BLOCKS = {0: (16, 2), 1: (24, 4), 2: (24, 4), 3: (40, 8), 4: (40, 8), 5: (80, 16
 RESNET_LAYERS = ("layer2", "layer3")  # strides 8 and 16, as the paper takes from WideResNet-50
 # PatchCore's working size when image_size is not set: 256x256, measured best on magnetic_tile; small
 # images (median shorter side of the training images at most SMALL_SIDE pixels, like PIPED's 128x128)
-# are enlarged UPSAMPLE times instead. Measured first with blocks 4,10,14, whose stride-8 features then lie
-# 2 image pixels apart rather than 4 (AU-PRO up 0.03-0.26 on all 12 PIPED types), and kept for the small-image
-# blocks below, whose stride-2 grid it puts half an image pixel apart (bench/README.md).
+# are enlarged UPSAMPLE times instead. 4x was measured first with blocks 4,10,14, whose stride-8 features then
+# lie 2 image pixels apart rather than 4 (AU-PRO up 0.03-0.26 on all 12 PIPED types). With the small-image
+# block, pool and k-d tree below, 8x (1024x1024 for PIPED; block 0's grid a quarter of an image pixel apart)
+# raised AU-PRO over 4x on all 12 types (by 0.0003-0.031) and pixel F1 at the defaults on all 12, at 2.0-3.0
+# s per image on one CPU thread against 0.8-0.9 (bench/README.md).
 DEFAULT_SIZE = METHOD_IMAGE_SIZE["patchcore"]
 SMALL_SIDE = 128
-UPSAMPLE = 4
+UPSAMPLE = 8
 # PatchCore's blocks when patchcore_blocks is not set: stages 3, 4 and 5 (strides 8, 16, 32). For small
-# images at their default 4x enlargement, block 0 alone (16 channels, stride 2: its grid lies half an
-# image pixel apart). The small spots these images have are then matched by their own edges and contrast
-# rather than averaged into a wider context. On PIPED's 12 types (all 128x128, the only small images
-# measured) it raised AU-PRO on every type against blocks 2,4 (the earlier small-image default) and 4,10,14
-# at the same 512x512 (bench/README.md). Larger images such as magnetic_tile's keep 4,10,14.
+# images at their default enlargement, block 0 alone (16 channels, stride 2). The small spots these images
+# have are then matched by their own edges and contrast rather than averaged into a wider context. On
+# PIPED's 12 types (all 128x128, the only small images measured) it raised AU-PRO on every type at 512x512
+# against blocks 2,4 (the earlier small-image default) and 4,10,14 (bench/README.md). Larger images such as
+# magnetic_tile's keep 4,10,14.
 DEFAULT_BLOCKS = "4,10,14"
 SMALL_IMAGE_BLOCKS = "0"
 # How many patch features (a random sample) enter the greedy coreset when coreset_pool is not set. The
