@@ -218,6 +218,15 @@ def test_the_streamed_pool_is_the_seeded_sample_of_all_features_concatenated():
     pool = every[keep]
     expected = pool[greedy_coreset(pool, 30, config.coreset_projection, config.seed)]
     assert torch.equal(model.bank, expected)
+    whole = fit_patchcore(Config(**{**config.to_dict(), "memory_bank_size": 100}), images, 1, torch.device("cpu"),
+                          progress=False)
+    assert torch.equal(whole.bank, pool)  # a bank as large as the pool keeps every pool row, in order
+    rgb = [np.repeat(im, 3, axis=2) for im in images[:2]]  # under the pool: every feature, in image order
+    small = fit_patchcore(Config(**{**config.to_dict(), "coreset_pool": 10**6, "memory_bank_size": 10**6}), rgb, 3,
+                          torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        assert torch.equal(small.bank, torch.cat([small.embed(torch.from_numpy(im).permute(2, 0, 1)[None])[0]
+                                                  .flatten(1).T for im in rgb]))
 
 
 def test_the_working_size_blocks_and_pool_change_for_small_images_only(tmp_path):

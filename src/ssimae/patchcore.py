@@ -63,7 +63,7 @@ DEFAULT_BLOCKS = "4,10,14"
 SMALL_IMAGE_BLOCKS = "0"
 # How many patch features (a random sample) enter the greedy coreset when coreset_pool is not set. The
 # greedy coreset takes in the rarest features first, and a rare training feature in the bank makes a
-# similar defect look normal: a small image's 2.3 million block-0 features gave a better bank from a pool of
+# similar defect look normal: a PIPED type's 2.3 million block-0 features (35 images at 4x; 9.2 million at 8x) gave a better bank from a pool of
 # 50,000 than from 250,000 (AU-PRO higher on 11 of the 12 PIPED types, 0.0002 lower on the 12th; fit 0.5-0.7
 # minutes against 1.3-1.8; below 50,000 no further gain). Measured with EfficientNet-Lite0's block 0 only.
 # magnetic_tile's 700k features keep 250,000: there 50,000 gave the same AU-PRO (0.742 / 0.741) with pixel
@@ -254,17 +254,20 @@ def fit_patchcore(config, images: list[np.ndarray], channels: int, device: torch
 
     At most coreset_pool features (a seeded random sample of all of them) enter the coreset. The sample's
     indices are drawn before extraction, from each image's feature count, and each image's sampled rows
-    are kept as it is embedded: memory is the pool, not every feature of every image (at the 8x working
-    size of a small image, 262,144 features of 16 floats each)."""
-    model = build_patchcore(config, channels).to(device).eval()
+    are kept as it is embedded: memory is the pool and the drawn permutation (8 bytes per feature), not
+    every feature of every image (at the 8x working size of a small image, 262,144 features of 16 floats each)."""
+    if not images:
+        raise SsimaeError("patchcore: no training images to fit on")
+    model = build_patchcore(config, channels).eval()
+    counts = feature_counts(model, images)  # before the model moves: the meta copy needs no device memory
+    model = model.to(device)
     started = time.monotonic()
-    counts = feature_counts(model, images)
     total, pool = sum(counts), config.coreset_pool or DEFAULT_POOL
     keep = None
     if total > pool:  # neighbouring features are alike: a random sample covers them
         generator = torch.Generator().manual_seed(config.seed)
         keep = torch.randperm(total, generator=generator)[:pool].sort().values
-    features = torch.empty(min(total, pool), model.bank.shape[1])
+    features = torch.empty(min(total, pool), model.bank.shape[1], dtype=torch.float32)  # embed's dtype
     offset = filled = 0
     for image, count in zip(tqdm(images, desc="patchcore features", unit="image", disable=not progress,
                                  dynamic_ncols=True), counts):
