@@ -164,12 +164,18 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
     """Euclidean distance from each query (Q, D) to its nearest bank row (M, D): (Q,), exact.
 
     |q - m|^2 = |q|^2 - 2 q.m + |m|^2 as one matrix product per chunk of queries and bank rows;
-    the bank is chunked in a fixed number of steps, so the computation exports to ONNX. On the CPU,
-    features of at most KDTREE_MAX_DIM dimensions go through a k-d tree instead."""
+    the bank is chunked in a fixed number of steps, so the computation exports to ONNX. Both sides are
+    first moved by the bank's mean (distances do not change): the expansion's float32 cancellation grows
+    with |q|^2, and features of one sign sit far from the origin (block 0's at 8x: maps within 3.5e-5 of
+    the exact ones instead of 1.0e-4; finding the nearest row and measuring |q - m| directly was exact
+    but made the ONNX graph 26% slower). On the CPU, features of at most KDTREE_MAX_DIM dimensions go
+    through a k-d tree instead."""
     small = queries.device.type == "cpu" and not torch.onnx.is_in_onnx_export()
     if small and queries.shape[1] <= KDTREE_MAX_DIM and not torch.jit.is_tracing():
         return _kdtree_distances(queries, bank)
     query_chunk, bank_chunk = (CPU_QUERY_CHUNK, CPU_BANK_CHUNK) if small else (QUERY_CHUNK, BANK_CHUNK)
+    centre = bank.mean(0)  # (D,)
+    queries, bank = queries - centre, bank - centre
     bank_norm = (bank * bank).sum(1)  # (M,)
     best = []
     for start in range(0, queries.shape[0], query_chunk):
