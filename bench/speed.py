@@ -520,8 +520,33 @@ def section_outputs(ctx: dict, rounds: int, workdir: Path) -> dict:
         row(name, f"{seconds * 1000:.1f} ms", size)
     row("overlay PNG: package over Pillow level 1", f"{t['overlay PNG, Pillow level 1 (before)'] / t['overlay PNG, Up filter + zlib 1 (package)']:.2f}x")
     row("contour: package over scipy", f"{t['contour, scipy binary morphology (before)'] / t['contour, numpy shifts (package)']:.1f}x")
+    t.update(writer_scaling(detector, amap, image, pixel, workdir / "out-writers"))
     print(f"  ({load()})")
     return t
+
+
+def writer_scaling(detector, amap: np.ndarray, image: np.ndarray, pixel: float, out: Path, count: int = 24) -> dict:
+    """Images per second of predict's writer job (decide, then write_outputs) in 1 thread and in as many
+    as predict uses here: whether the writers run in parallel or wait on the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ssimae.predict import WRITERS, score_row, write_outputs
+
+    def job(index: int) -> None:
+        result = detector.decide(amap)
+        write_outputs(out, Path(str(index)), image, result, score_row(f"{index}.png", result, pixel,
+                                                                      detector.image_threshold))
+
+    rates = {}
+    for threads in sorted({1, WRITERS}):
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(job, range(count)))
+        rates[threads] = count / (time.perf_counter() - start)
+        row(f"writer job, {threads} thread(s)", f"{rates[threads]:.2f} images/s")
+    if WRITERS > 1:
+        row(f"writers: {WRITERS} threads over 1", f"{rates[WRITERS] / rates[1]:.2f}x", f"{os.cpu_count()} cores")
+    return {f"writers_{threads}_images_per_s": rate for threads, rate in rates.items()}
 
 
 MEMORY_SCRIPT = r"""
