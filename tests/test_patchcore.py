@@ -234,6 +234,17 @@ def test_the_streamed_pool_is_the_seeded_sample_of_all_features_concatenated():
                                                   .flatten(1).T for im in rgb]))
 
 
+def test_a_memory_method_reads_its_training_images_on_access(tmp_path):
+    from ssimae.train import LazyImages, load_images
+
+    rng = np.random.default_rng(0)
+    paths = [write_png(tmp_path / f"{i}.png", texture_png(40 + 8 * i, 48, rng)) for i in range(3)]
+    config = Config(**{**SETTINGS, "image_size": "96"})
+    lazy, held = LazyImages(paths, config), load_images(paths, config)
+    assert len(lazy) == 3 and all(np.array_equal(a, b) for a, b in zip(lazy, held))
+    assert [im.shape for im in lazy[1:]] == [im.shape for im in held[1:]]
+
+
 def test_the_working_size_blocks_and_pool_change_for_small_images_only(tmp_path):
     rng = np.random.default_rng(0)
     small = [write_png(tmp_path / "small" / f"{i}.png", texture_png(96, 64, rng)) for i in range(3)]

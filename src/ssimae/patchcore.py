@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -254,7 +255,7 @@ def grid_stride(config) -> int:
 
 
 @torch.inference_mode()
-def fit_patchcore(config, images: list[np.ndarray], channels: int, device: torch.device,
+def fit_patchcore(config, images: Sequence[np.ndarray], channels: int, device: torch.device,
                   progress: bool = True) -> PatchCore:
     """Extract the patch features of every training image, reduce them to the coreset, keep the bank.
 
@@ -300,17 +301,17 @@ def fit_patchcore(config, images: list[np.ndarray], channels: int, device: torch
     return model
 
 
-def feature_counts(model: PatchCore, images: list[np.ndarray]) -> list[int]:
+def feature_counts(model: PatchCore, images: Sequence[np.ndarray]) -> list[int]:
     """How many patch features embed gives each (H, W, C) image, from shapes alone: a copy of the model on
     the meta device computes no values (milliseconds per distinct image size)."""
-    shapes = {image.shape for image in images}
+    shapes = [image.shape for image in images]  # one pass: the images may be decoded on access
     meta = copy.deepcopy(model).to("meta")
     counts = {}
     with torch.no_grad():
-        for height, width, channels in shapes:
+        for height, width, channels in set(shapes):
             grid = meta.embed(torch.empty(1, channels, height, width, device="meta")).shape[-2:]
             counts[(height, width, channels)] = grid[0] * grid[1]
-    return [counts[image.shape] for image in images]
+    return [counts[shape] for shape in shapes]
 
 
 def median_size(paths: list) -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from itertools import zip_longest
@@ -196,6 +197,22 @@ def load_images(paths: list[Path], config: Config) -> list[np.ndarray]:
     return images
 
 
+class LazyImages(Sequence):
+    """The training images of a memory method, decoded, converted and resized on each access."""
+
+    def __init__(self, paths: list[Path], config: Config):
+        self.paths, self.config = list(paths), config
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        config = self.config
+        return load_image(self.paths[index], config.color, config.resize, config.max_image_pixels)
+
+
 def fit(
     config: Config,
     data_root: str | os.PathLike,
@@ -303,7 +320,11 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
             config = replace(config, coreset_pool=defaults.pool if efficientnet else DEFAULT_POOL)
         log.info("patchcore: working size %s%s, coreset pool %d", config.image_size,
                  f", blocks {config.patchcore_blocks}" if efficientnet else "", config.coreset_pool)
-    train_images = load_images(split.train, config)
+    # Gradient training samples patches from every image all the time, so it holds them; a memory method
+    # reads each image as it needs it (decoding again beats holding them all at the working size: 4 MB
+    # each for a 128x128 image at PatchCore's 8x, 4 GB for a thousand).
+    train_images = load_images(split.train, config) if config.kind == "reconstruction" else \
+        LazyImages(split.train, config)
     channels = train_images[0].shape[2]
     if rank.main:
         save_config(config, run_dir / "config.yaml")
@@ -337,7 +358,7 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
                        checkpoint.history)
 
 
-def fit_memory(config: Config, images: list[np.ndarray], channels: int, device: torch.device,
+def fit_memory(config: Config, images: Sequence[np.ndarray], channels: int, device: torch.device,
                progress: bool) -> Checkpoint:
     """The checkpoint of a method without gradient training (its module holds what it learned)."""
     started = time.monotonic()
