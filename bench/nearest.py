@@ -1,8 +1,9 @@
 """PatchCore's nearest-neighbour search on the CPU: the k-d tree against the distance matrices.
 
 Fits PatchCore on the bundled example (its small-image defaults: 8x the image size, 1024x1024,
-block 0, 16-dimension features; bench/README.md's figures were measured at the 4x default then, 512x512), embeds its test images and times both search paths on the same queries and bank,
-interleaved, best of the rounds. Prints seconds per image, the ratio, and the largest difference.
+block 0, 16-dimension features; bench/README.md also has figures from the 4x default then, 512x512),
+embeds its test images and times both search paths on the same queries and bank, interleaved, best
+of the rounds. Prints seconds per image, the ratio, and the largest difference.
 
     python bench/nearest.py [--dataset examples/paper_bdp01] [--images 4] [--rounds 3] [--threads 1]
 """

@@ -64,9 +64,10 @@ DEFAULT_BLOCKS = "4,10,14"
 SMALL_IMAGE_BLOCKS = "0"
 # How many patch features (a random sample) enter the greedy coreset when coreset_pool is not set. The
 # greedy coreset takes in the rarest features first, and a rare training feature in the bank makes a
-# similar defect look normal: a PIPED type's 2.3 million block-0 features (35 images at 4x; 9.2 million at 8x) gave a better bank from a pool of
-# 50,000 than from 250,000 (AU-PRO higher on 11 of the 12 PIPED types, 0.0002 lower on the 12th; fit 0.5-0.7
-# minutes against 1.3-1.8; below 50,000 no further gain). Measured with EfficientNet-Lite0's block 0 only.
+# similar defect look normal: a PIPED type's 2.3 million block-0 features (35 images at 4x; 9.2 million at
+# 8x) gave a better bank from a pool of 50,000 than from 250,000 (AU-PRO higher on 11 of the 12 PIPED types,
+# 0.0002 lower on the 12th; fit 0.5-0.7 minutes against 1.3-1.8; below 50,000 no further gain). Measured with
+# EfficientNet-Lite0's block 0 only.
 # magnetic_tile's 700k features keep 250,000: there 50,000 gave the same AU-PRO (0.742 / 0.741) with pixel
 # ROC AUC 0.801 against 0.812 and image AUROC 0.907 against 0.931.
 DEFAULT_POOL = 250000
@@ -79,8 +80,8 @@ BANK_CHUNK = 16384
 CPU_QUERY_CHUNK = 1024
 CPU_BANK_CHUNK = 2048
 # Features of at most this many dimensions are searched on the CPU with scipy's k-d tree instead of the
-# distance matrices: for block 0's 16 dimensions (the small-image default) one 512x512 image's 65,536
-# queries against a bank of 16,384 took 0.57 s against 4.00 s on one thread, exact (bench/nearest.py). In
+# distance matrices: for block 0's 16 dimensions (the small-image block) one 1024x1024 image's 262,144
+# queries against a bank of 16,384 took 1.35 s against 15.2 s on one thread, exact (bench/nearest.py). In
 # hundreds of dimensions (blocks 4,10,14: 344) a k-d tree visits most of the bank and loses to the matrices.
 KDTREE_MAX_DIM = 16
 
