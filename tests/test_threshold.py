@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ssimae.errors import SsimaeError
-from ssimae.threshold import choose_threshold, fpr_threshold, largest_component, min_area_threshold
+from ssimae.threshold import (choose_threshold, drop_small_regions, fpr_threshold, largest_component,
+                              min_area_threshold)
 
 
 def _two_blobs() -> np.ndarray:
@@ -19,11 +20,12 @@ def _two_blobs() -> np.ndarray:
 
 def test_brief_case_two_blobs():
     maps = [_two_blobs()]
-    # t = 0.8 still marks the 0.9 blob (0.9 > 0.8): 30 px > 20, so the smallest valid t is 0.9
-    # (nothing marked). t = 0.1 marks both blobs: largest 30 px.
+    # t = 0.8 still marks the 0.9 blob (0.9 > 0.8): 30 px, not under 20, so the smallest valid t is 0.9
+    # (nothing marked). t = 0.1 marks both blobs: largest 30 px, valid once regions of 30 px are dropped
+    # from masks no longer (min area 31).
     assert min_area_threshold(maps, 20) == pytest.approx(0.9)
-    assert min_area_threshold(maps, 29) == pytest.approx(0.9)
-    assert min_area_threshold(maps, 30) == pytest.approx(0.1)
+    assert min_area_threshold(maps, 30) == pytest.approx(0.9)
+    assert min_area_threshold(maps, 31) == pytest.approx(0.1)
     assert min_area_threshold(maps, 40) == pytest.approx(0.1)
     assert min_area_threshold(maps, 0) == pytest.approx(0.9)
 
@@ -39,7 +41,7 @@ def _three_levels() -> np.ndarray:
 
 @pytest.mark.parametrize(
     "area, expected",
-    [(100, 0.1), (30, 0.1), (29, 0.5), (20, 0.5), (19, 0.8), (10, 0.8), (9, 0.9), (0, 0.9)],
+    [(100, 0.1), (31, 0.1), (30, 0.5), (21, 0.5), (20, 0.8), (11, 0.8), (10, 0.9), (1, 0.9), (0, 0.9)],
 )
 def test_min_area_threshold_levels(area, expected):
     # At t = 0.5 the 0.5 blob itself is not marked (0.5 is not > 0.5): largest component 20 px.
@@ -48,7 +50,7 @@ def test_min_area_threshold_levels(area, expected):
 
 def _brute_force(maps, area):
     for t in np.unique(np.concatenate([m.ravel() for m in maps])):
-        if max(largest_component(m > t) for m in maps) <= area:
+        if max(largest_component(m > t) for m in maps) < max(area, 1):
             return float(t)
     raise AssertionError("the maximum always satisfies the rule")
 
@@ -62,11 +64,11 @@ def test_min_area_threshold_on_noise_is_the_smallest_valid_value(area):
         m[3:8, 3:9] += 0.9  # a 30-px blob at ~0.9-1.0 in each map
         maps.append(m)
     t = min_area_threshold(maps, area)
-    assert max(largest_component(m > t) for m in maps) <= area
+    assert max(largest_component(m > t) for m in maps) < max(area, 1)
     candidates = np.unique(np.concatenate([m.ravel() for m in maps]))
     below = candidates[candidates < t]
     if below.size:  # the next smaller candidate violates the rule
-        assert max(largest_component(m > below[-1]) for m in maps) > area
+        assert max(largest_component(m > below[-1]) for m in maps) >= max(area, 1)
     assert t == _brute_force(maps, area)
 
 
@@ -75,8 +77,18 @@ def test_components_are_eight_connected():
     for i in range(5):
         m[1 + i, 1 + i] = 0.9  # a diagonal line: one 8-connected component of 5, five 4-connected singles
     assert largest_component(m > 0) == 5
-    assert min_area_threshold([m], 4) == pytest.approx(0.9)  # 4-connectivity would give 0.0
-    assert min_area_threshold([m], 5) == pytest.approx(0.0)
+    assert min_area_threshold([m], 5) == pytest.approx(0.9)  # 4-connectivity would give 0.0
+    assert min_area_threshold([m], 6) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("area", [0, 1, 2, 9, 25, 30, 31])
+def test_the_min_area_threshold_leaves_every_validation_mask_empty(area):
+    # The rule and the masks agree on the boundary: a validation region of exactly min_defect_area pixels
+    # would survive drop_small_regions, so the rule must not allow it.
+    rng = np.random.default_rng(area)
+    maps = [_two_blobs(), _three_levels(), (rng.random((20, 26)) * 0.3).astype(np.float32)]
+    t = min_area_threshold(maps, area)
+    assert all(not drop_small_regions(m > t, area).any() for m in maps)
 
 
 def test_components_do_not_join_across_maps():
@@ -141,8 +153,8 @@ def test_bad_settings_are_user_errors():
 
 def test_choose_threshold_dispatches_on_the_configured_rule():
     maps = [_three_levels()]
-    t, rule = choose_threshold(maps, "min-area", 0.01, 20)
-    assert t == pytest.approx(0.5) and "area 20" in rule
+    t, rule = choose_threshold(maps, "min-area", 0.01, 21)
+    assert t == pytest.approx(0.5) and "area 21" in rule
     t, rule = choose_threshold(maps, "pixel-fpr", 0.01, 20)  # at most 16 of 1600 px above: 0.8 leaves 10, 0.5 leaves 30
     assert t == pytest.approx(0.8) and "FPR" in rule
     with pytest.raises(SsimaeError, match="rule 'median'"):

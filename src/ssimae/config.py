@@ -115,7 +115,7 @@ class Config:
     map_smoothing: float | None = None  # std (pixels) of a Gaussian on the anomaly maps; empty = the method's (0 = off, as in the paper, for the autoencoders; 4 patchcore; 2 blur)
     threshold_rule: str = "pixel-fpr"  # pixel-fpr | min-area: how the pixel threshold is chosen on validation images
     threshold_fpr: float = 0.001  # pixel-fpr rule: share of validation pixels allowed above the threshold (bench/README.md)
-    min_defect_area: int = 25  # smallest defect in pixels: smaller mask regions are dropped; the min-area rule keeps validation blobs below it
+    min_defect_area: int = 25  # smallest defect in pixels: smaller mask regions are dropped; the min-area rule keeps validation regions below it, so validation masks are empty
     image_score: str | None = None  # max | top-mean: how a map becomes one image score; empty = the method's (top-mean patchcore, else max)
     image_score_fraction: float = 0.01  # top-mean: share of the map's pixels averaged
     image_score_margin: float | None = None  # share of the map's height and width at each side the image score leaves out; empty = the method's (1/32 patchcore, else 0)

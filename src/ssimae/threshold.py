@@ -4,7 +4,8 @@ A pixel is defective when its anomaly score is strictly greater than the pixel t
 is defective when its image score is strictly greater than the image threshold. Rules:
     pixel-fpr   the smallest threshold at which at most a fraction `fpr` of validation pixels is above
     min-area    MVTec AD's rule: the smallest threshold at which no connected region of any
-                validation map is larger than `min_defect_area` pixels
+                validation map reaches `min_defect_area` pixels, so the masks (which keep regions
+                of at least that many pixels) are empty on every validation image
     image       the smallest image threshold at which at most a fraction `rate` of validation images
                 scores above it (the false-alarm rate on defect-free images)
 """
@@ -51,8 +52,9 @@ def _check_maps(maps: list[np.ndarray]) -> None:
 
 
 def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
-    """MVTec AD's rule: the smallest threshold at which no connected component of the thresholded
-    validation maps is larger than `min_defect_area` pixels.
+    """MVTec AD's rule: the smallest threshold at which every connected component of the thresholded
+    validation maps is smaller than `min_defect_area` pixels (drop_small_regions then leaves their masks
+    empty; with min_defect_area <= 1 nothing is dropped, so no pixel may be above the threshold).
 
     The largest component only shrinks as the threshold rises, so a binary search over the
     distinct map values finds the exact smallest such value.
@@ -60,11 +62,12 @@ def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
     _check_maps(maps)
     if min_defect_area < 0:
         raise SsimaeError(f"min_defect_area {min_defect_area} must be >= 0")
+    largest_allowed = max(min_defect_area - 1, 0)
     candidates = np.unique(np.concatenate([m.ravel() for m in maps]))  # ascending
     low, high = 0, len(candidates) - 1  # candidates[high] (the maximum) always satisfies the rule
     while low < high:
         middle = (low + high) // 2
-        if _max_component(maps, float(candidates[middle])) <= min_defect_area:
+        if _max_component(maps, float(candidates[middle])) <= largest_allowed:
             high = middle
         else:
             low = middle + 1
