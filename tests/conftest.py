@@ -7,12 +7,15 @@ Tests that write must copy or write to their own tmp_path.
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from ssimae.config import Config
 
@@ -146,3 +149,30 @@ def trained_run(tmp_path_factory, mvtec_root) -> Path:
 @pytest.fixture(scope="session")
 def checkpoint_path(trained_run) -> Path:
     return trained_run / "checkpoint.pt"
+
+
+class FakeResNet(nn.Module):
+    """Child layout of torchvision's ResNet, tiny, to test the torchvision paths without torchvision."""
+
+    def __init__(self, weights=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Conv2d(4, 4, 3, 1, 1)
+        self.layer2 = nn.Conv2d(4, 8, 3, 2, 1)
+        self.layer3 = nn.Conv2d(8, 8, 3, 2, 1)
+        self.layer4 = nn.Conv2d(8, 8, 3, 2, 1)
+        self.fc = nn.Linear(8, 10)
+
+
+@pytest.fixture
+def fake_torchvision(monkeypatch):
+    """torchvision.models.resnet18 is FakeResNet for the test."""
+    fake = types.ModuleType("torchvision")
+    fake.models = types.ModuleType("torchvision.models")
+    fake.models.resnet18 = FakeResNet
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setitem(sys.modules, "torchvision.models", fake.models)
+    return fake

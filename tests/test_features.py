@@ -3,10 +3,10 @@
 import importlib.util
 import math
 import sys
-import types
 
 import pytest
 import torch
+from conftest import FakeResNet
 from torch import nn
 
 from ssimae.errors import SsimaeError
@@ -195,30 +195,8 @@ def test_torchvision_resnet18(tmp_path):
         build_feature_extractor("resnet18", cut=9, weights_path=path)
 
 
-class _FakeResNet(nn.Module):
-    """Child layout of torchvision's ResNet, tiny, to test the trunk slicing without torchvision."""
-
-    def __init__(self, weights=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = nn.Conv2d(4, 4, 3, 1, 1)
-        self.layer2 = nn.Conv2d(4, 8, 3, 2, 1)
-        self.layer3 = nn.Conv2d(8, 8, 3, 2, 1)
-        self.layer4 = nn.Conv2d(8, 8, 3, 2, 1)
-        self.fc = nn.Linear(8, 10)
-
-
-def test_torchvision_path_with_fake_module(tmp_path, monkeypatch):
-    fake = types.ModuleType("torchvision")
-    fake.models = types.ModuleType("torchvision.models")
-    fake.models.resnet18 = _FakeResNet
-    monkeypatch.setitem(sys.modules, "torchvision", fake)
-    monkeypatch.setitem(sys.modules, "torchvision.models", fake.models)
-
-    src = _FakeResNet()
+def test_torchvision_path_with_fake_module(tmp_path, fake_torchvision):
+    src = FakeResNet()
     path = tmp_path / "resnet18.pth"
     torch.save(src.state_dict(), path)
     f = build_feature_extractor("resnet18", weights_path=path)

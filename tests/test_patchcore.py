@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import texture, texture_png, write_png
+from conftest import FakeResNet, texture, texture_png, write_png
 from scipy import ndimage
 
 from ssimae.blur import BlurResidual, gaussian_taps
@@ -127,6 +127,37 @@ def test_the_bank_round_trips_through_the_checkpoint(planted, tmp_path):
     x = torch.rand(1, 1, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(network(x), checkpoint.network()(x))
+
+
+def test_a_resnet_patchcore_fits_and_its_checkpoint_needs_no_weights_file(fake_torchvision, tmp_path):
+    weights = tmp_path / "resnet18.pth"
+    torch.save(FakeResNet().state_dict(), weights)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_png(tmp_path / "good" / f"{i}.png", texture_png(64, 64, rng, period=9))
+    config = Config(**{**SETTINGS, "image_size": "64x64", "memory_bank_size": 20}, feature_net="resnet18",
+                    feature_weights=str(weights))
+    result = fit(config, tmp_path / "good", tmp_path / "run", progress=False)
+    checkpoint = Checkpoint.load(result.checkpoint)
+    assert checkpoint.weights["bank"].shape == (20, 8 + 8)  # the fake's layer2 and layer3
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        before = checkpoint.network()(x)
+        weights.unlink()  # the backbone's weights are in the checkpoint
+        assert torch.equal(Checkpoint.load(result.checkpoint).network()(x), before)
+    assert before.shape == (1, 1, 8, 8)  # layer2's stride 8
+
+
+def test_nearest_distances_stay_float32_under_a_bf16_autocast():
+    rng = torch.Generator().manual_seed(0)
+    bank = torch.randn(500, 344, generator=rng) + 3.0
+    queries = bank[:200] + 0.05 * torch.randn(200, 344, generator=rng)
+    exact = torch.cdist(queries.double(), bank.double()).min(1).values
+    plain = nearest_distances(queries, bank)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distances = nearest_distances(queries, bank)
+    assert distances.dtype == torch.float32 and torch.equal(distances, plain)
+    torch.testing.assert_close(distances.double(), exact, rtol=0, atol=1e-3)  # bf16 products: off by ~0.1
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ class Checkpoint:
 
     def network(self, source: str | os.PathLike = "checkpoint") -> torch.nn.Module:
         """The method's module with these weights, in eval mode, on the CPU."""
-        module = build_network(self.config, self.channels)
+        module = build_network(self.config, self.channels, pretrained=False)  # the weights are ours
         try:
             module.load_state_dict(self.weights)
         except RuntimeError as error:  # missing or unexpected keys, shape mismatch
@@ -116,8 +116,10 @@ class Checkpoint:
         return module.eval()
 
 
-def build_network(config: Config, channels: int) -> torch.nn.Module:
-    """The (untrained) module of config.method for images with `channels` channels."""
+def build_network(config: Config, channels: int, pretrained: bool = True) -> torch.nn.Module:
+    """The (untrained) module of config.method for images with `channels` channels. pretrained=False: a
+    module whose frozen pretrained parts (PatchCore's backbone) will be loaded from a checkpoint, so their
+    weights file is not read."""
     model = METHODS[config.method].model
     if model in ("ae", "vae"):
         from .models import build_model
@@ -130,7 +132,7 @@ def build_network(config: Config, channels: int) -> torch.nn.Module:
     if model == "patchcore":
         from .patchcore import build_patchcore
 
-        return build_patchcore(config, channels)
+        return build_patchcore(config, channels, pretrained)
     raise ValueError(f"method {config.method!r} has no network builder")
 
 

@@ -59,6 +59,8 @@ DEFAULT_EFFICIENTNET_CUT = 3  # 24 channels, stride 4
 _RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _VGG_NAMES = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
 _RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+# A torchvision trunk is an nn.Sequential of these children: its child i is _RESNET_TRUNK[i].
+RESNET_TRUNK = _RESNET_TRUNK
 DEFAULT_RESNET_CUT = 5  # conv1..layer1: stride 4 (64 ch for resnet18/34, 256 for 50+)
 
 ACCEPTED_NAMES = (EFFICIENTNET_NAME, *_RESNET_NAMES, *_VGG_NAMES)
@@ -214,7 +216,13 @@ def _torchvision_trunk_parts(name: str, model: nn.Module) -> tuple[list[tuple[st
     return parts, pools[2]
 
 
-def _build_torchvision(name: str, cut: int | None, weights_path: str | pathlib.Path | None):
+def _build_torchvision(name: str, cut: int | None, weights_path: str | pathlib.Path | None, pretrained: bool = True):
+    if not pretrained:  # the architecture only: its weights come from a checkpoint
+        model = getattr(_import_torchvision_models(), name)(weights=None)
+        parts, default_cut = _torchvision_trunk_parts(name, model)
+        cut = default_cut if cut is None else cut
+        _check_cut(name, cut, 1, len(parts))
+        return nn.Sequential(*(m for _, m in parts[:cut])), cut
     if weights_path is None:
         raise SsimaeError(
             f"backbone {name!r} needs weights_path: a local torchvision state-dict file "
@@ -251,6 +259,7 @@ def build_feature_extractor(
     name: str = EFFICIENTNET_NAME,
     cut: int | None = None,
     weights_path: str | pathlib.Path | None = None,
+    pretrained: bool = True,
 ) -> FeatureExtractor:
     """Build the frozen feature extractor F for the FM loss.
 
@@ -264,14 +273,17 @@ def build_feature_extractor(
         (through relu3_x: stride 4, 256 ch; 16 for vgg16, 23 for vgg16_bn).
     weights_path: local state-dict file.  Optional for efficientnet-lite0 (defaults to
       :func:`packaged_efficientnet_lite0_weights`), required for torchvision backbones.
+    pretrained: False builds the architecture for weights that come from elsewhere (a checkpoint that
+      holds the backbone): weights_path is then not read (efficientnet-lite0 starts from the packaged
+      weights, which are always installed).
     """
     key = name.lower() if isinstance(name, str) else name
     if key == EFFICIENTNET_NAME:
         cut = DEFAULT_EFFICIENTNET_CUT if cut is None else cut
         _check_cut(key, cut, 0, EFFICIENTNET_NUM_BLOCKS)
-        trunk = _build_efficientnet(cut, weights_path)
+        trunk = _build_efficientnet(cut, weights_path if pretrained else None)
     elif key in _RESNET_NAMES or key in _VGG_NAMES:
-        trunk, cut = _build_torchvision(key, cut, weights_path)
+        trunk, cut = _build_torchvision(key, cut, weights_path, pretrained)
     else:
         raise SsimaeError(f"unknown feature extractor {name!r}; accepted: {', '.join(ACCEPTED_NAMES)}")
     return FeatureExtractor(trunk, key, cut)

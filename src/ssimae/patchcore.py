@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .config import METHOD_IMAGE_SIZE
 from .errors import SettingError, SsimaeError
-from .features import EFFICIENTNET_NAME, FeatureExtractor, build_feature_extractor
+from .features import EFFICIENTNET_NAME, RESNET_TRUNK, FeatureExtractor, build_feature_extractor
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ class BlockOutputs(nn.Module):
                 if index in self.taps:
                     outputs.append(h)
             return outputs
-        for name, module in fe.trunk.named_children():  # torchvision ResNet children in order
+        for index, module in enumerate(fe.trunk):  # torchvision ResNet children in order (RESNET_TRUNK)
             h = module(h)
-            if name in self.taps:
+            if RESNET_TRUNK[index] in self.taps:
                 outputs.append(h)
         return outputs
 
@@ -236,15 +236,18 @@ def greedy_coreset(features: torch.Tensor, size: int, projection: int = 128, see
     return chosen
 
 
-def build_patchcore(config, channels: int) -> PatchCore:
-    """An empty PatchCore of the configured backbone (its bank is filled by fit_patchcore)."""
+def build_patchcore(config, channels: int, pretrained: bool = True) -> PatchCore:
+    """An empty PatchCore of the configured backbone (its bank is filled by fit_patchcore). pretrained=False:
+    the backbone's weights will come from a checkpoint, so config.feature_weights is not read."""
     name = config.feature_net.lower()
     if name == EFFICIENTNET_NAME:
         blocks = configured_blocks(config)
-        extractor = build_feature_extractor(EFFICIENTNET_NAME, cut=blocks[-1] + 1, weights_path=config.feature_weights)
+        extractor = build_feature_extractor(EFFICIENTNET_NAME, cut=blocks[-1] + 1, weights_path=config.feature_weights,
+                                            pretrained=pretrained)
         taps, dim = blocks, sum(BLOCKS[b][0] for b in blocks)
     elif name.startswith("resnet"):
-        extractor = build_feature_extractor(name, cut=7, weights_path=config.feature_weights)  # through layer3
+        extractor = build_feature_extractor(name, cut=7, weights_path=config.feature_weights,  # through layer3
+                                            pretrained=pretrained)
         taps = RESNET_LAYERS
         with torch.no_grad():
             dim = sum(o.shape[1] for o in BlockOutputs(extractor, taps)(torch.zeros(1, 3, 64, 64)))
