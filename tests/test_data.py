@@ -329,6 +329,19 @@ def test_load_mask_size_mismatch_names_mask_and_sizes(tmp_path):
     assert str(path) in message and "12x10" in message and "30x20" in message
 
 
+def test_a_colour_or_palette_mask_counts_every_channel(tmp_path):
+    # Annotation tools often paint defects green or blue: a mask whose defect colour has no red.
+    rgb = np.zeros((6, 8, 3), dtype=np.uint8)
+    rgb[1:3, 2:5] = (0, 255, 0)
+    rgb[4, 6] = (0, 0, 128)
+    palette = Image.fromarray(np.where(rgb.any(axis=2), 1, 0).astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    expected = rgb.any(axis=2)
+    for name, image in [("rgb_mask.png", Image.fromarray(rgb)), ("p_mask.png", palette)]:
+        mask = load_mask(_save(tmp_path / name, image), (6, 8))
+        assert mask.dtype == bool and np.array_equal(mask, expected), name
+
+
 # --------------------------------------------------------------------------- patch sampling
 
 

@@ -147,8 +147,9 @@ def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
-    """A ground-truth mask as bool (H, W); nonzero = defect; must match the image's (H, W)."""
-    mask = read_image(path, max(DEFAULT_MAX_PIXELS, shape[0] * shape[1]))[:, :, 0] > 0
+    """A ground-truth mask as bool (H, W); nonzero in any channel = defect (a colour mask's defect may have
+    no red); must match the image's (H, W)."""
+    mask = (read_image(path, max(DEFAULT_MAX_PIXELS, shape[0] * shape[1])) > 0).any(axis=2)
     if mask.shape != tuple(shape):
         raise SsimaeError(
             f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]} (WxH); "
