@@ -116,6 +116,8 @@ def test_defaults_validate_and_follow_the_paper():
         ({"ssim_sigma": 0.0}, "ssim_sigma"),
         ({"ssim_window": 65}, "ssim_window 65 must be at most half the patch size"),
         ({"precision": "fp16"}, "precision 'fp16' is not one of auto, fp32, tf32, bf16"),
+        ({"patchcore_neighbourhood": 2}, "patchcore_neighbourhood 2 must be odd"),
+        ({"seed": -1}, "seed must be >= 0"),
     ],
 )
 def test_validate_errors_carry_the_bad_value(changes, pattern):

@@ -172,6 +172,11 @@ class Config:
                      "patchcore_neighbourhood", "memory_bank_size", "coreset_projection", "coreset_pool"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SettingError(name, f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.patchcore_neighbourhood % 2 == 0:  # an even window has no centre cell: it would shift the features
+            raise SettingError("patchcore_neighbourhood",
+                               f"patchcore_neighbourhood {self.patchcore_neighbourhood} must be odd, e.g. 3")
+        if self.seed < 0:
+            raise SettingError("seed", f"seed must be >= 0, got {self.seed}")
         if not 0 <= self.val_fraction < 1:
             raise SettingError("val_fraction", f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.image_score_margin is not None and not 0 <= self.image_score_margin < 0.5:
