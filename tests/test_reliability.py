@@ -23,6 +23,7 @@ from PIL import Image
 
 from ssimae.checkpoint import Checkpoint
 from ssimae.cli import main
+from ssimae.predict import output_names
 from ssimae.train import fit
 
 
@@ -174,11 +175,24 @@ def test_inputs_sharing_a_stem_keep_their_extension(checkpoint_path, tmp_path, c
     write_png(folder / "a.png", texture_png(140, 150, rng))
     Image.fromarray(texture_png(140, 150, rng)).save(folder / "a.bmp")
     write_png(folder / "b.png", texture_png(140, 150, rng))
+    stale, foreign = tmp_path / "o" / "maps" / ".b.k3x9q2.tiff.tmp", tmp_path / "o" / "mine" / ".notes.tmp"
+    for path in (stale, foreign):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
     assert main(["predict", str(checkpoint_path), str(folder), "--output", str(tmp_path / "o"), "--quiet"]) == 0
+    assert not stale.exists() and foreign.exists()  # a killed run's temp goes; a user's own file stays
     maps = sorted(p.name for p in (tmp_path / "o" / "maps").iterdir())
     assert maps == ["a.bmp.tiff", "a.png.tiff", "b.tiff"]
     with open(tmp_path / "o" / "scores.csv", newline="") as handle:
         assert sorted(row["path"] for row in csv.DictReader(handle)) == ["a.bmp", "a.png", "b.png"]
+
+
+def test_output_names_never_write_one_file_for_two_inputs():
+    base = Path("in")
+    paths = [base / n for n in ("a.png", "a.jpg", "a.png.png", "b.png", "B.png", "c.png", "sub/c.png")]
+    names = output_names(paths, base)
+    assert [str(names[p]) for p in paths] == ["a.png", "a.jpg", "a.png.png", "b.png", "B.png-2", "c", "sub/c"]
+    assert len({str(n).casefold() for n in names.values()}) == len(paths)  # also where case is ignored
 
 
 def test_predicting_into_the_input_folder_does_not_read_its_own_outputs(checkpoint_path, tmp_path):

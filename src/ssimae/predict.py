@@ -58,14 +58,26 @@ def input_images(source: str | os.PathLike, skip: Path | None = None) -> tuple[l
 
 
 def output_names(paths: list[Path], base: Path) -> dict[Path, Path]:
-    """Each input's output path stem, relative to the output folders: REL without its extension,
-    or with it (a.png -> a.png) where two inputs would otherwise write the same files."""
-    stems = collections.Counter(p.relative_to(base).with_suffix("") for p in paths)
-    names = {}
+    """Each input's output path stem, relative to the output folders: REL without its extension, or with
+    it (a.png -> a.png) where that could write another input's files (a.png and a.jpg; a.png.png beside
+    a.png); names that still coincide, also by case alone (a file system may ignore it), get -2, -3..."""
+    relative = {path: path.relative_to(base) for path in paths}
+
+    def key(name: Path) -> str:
+        return str(name).casefold()
+
+    stems = collections.Counter(key(name.with_suffix("")) for name in relative.values())
+    full = collections.Counter(key(name) for name in relative.values())
+    names, taken = {}, set()
     for path in paths:
-        relative = path.relative_to(base)
-        stem = relative.with_suffix("")
-        names[path] = stem if stems[stem] == 1 else relative
+        name = relative[path].with_suffix("")
+        if stems[key(name)] > 1 or full[key(name)]:
+            name = relative[path]
+        unique, number = name, 2
+        while key(unique) in taken:
+            unique, number = name.with_name(f"{name.name}-{number}"), number + 1
+        taken.add(key(unique))
+        names[path] = unique
     return names
 
 
@@ -103,6 +115,9 @@ def caption(row: dict) -> str:
     verdict = "DEFECTIVE" if row["defective"] == "yes" else "good"
     return (f"{verdict}   score {row['score']:.2f} (1.00 = threshold)   {row['regions']} region(s), "
             f"{row['defect_area_percent']:.2f}% of the image")
+
+
+OUTPUT_FOLDERS = ("maps", "masks", "overlays")
 
 
 def write_outputs(output_dir: Path, name: Path, image: np.ndarray, result: Prediction, row: dict) -> None:
@@ -193,7 +208,9 @@ def predict_folder(
     output_dir = output_folder(output_dir)
     names = output_names(paths, base)  # from every input: collisions across processes count too
     if rank.main:
-        remove_stale_temps(output_dir, recursive=True)  # left by a run killed mid-write
+        remove_stale_temps(output_dir)  # left by a run killed mid-write: scores.csv, errors.csv
+        for folder in OUTPUT_FOLDERS:  # only predict's own folders: the output folder may hold other files
+            remove_stale_temps(output_dir / folder, recursive=True)
     barrier()
     scores = ScoresFile(output_dir / ("scores.csv" if not rank.distributed else f"scores.rank{rank.rank}.csv"))
 
