@@ -63,7 +63,7 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> in
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def json_safe(value):

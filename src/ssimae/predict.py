@@ -142,7 +142,7 @@ class ScoresFile:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "w", newline="")
+        self.handle = open(self.path, "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.handle)
         self.writer.writerow(self.FIELDS)
 
@@ -311,7 +311,7 @@ def _merge(output_dir: Path, paths: list[Path], base: Path, rank: Rank, rows: li
     parts = [output_dir / f"scores.rank{r}.csv" for r in range(rank.world)]
     lines = {}
     for part in parts:
-        with open(part, newline="") as handle:
+        with open(part, newline="", encoding="utf-8") as handle:
             for line in list(csv.reader(handle))[1:]:
                 lines[line[0]] = line
     ordered = [ScoresFile.FIELDS] + [lines[row["path"]] for row in rows]

@@ -59,7 +59,7 @@ def load_results(run_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
     if not path.is_file():
         raise SsimaeError(f"{run_dir} has no saved comparison results ({path.name} is missing); {fix}")
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise SsimaeError(f"{path} is not valid JSON ({error}); {fix}") from None
     if not isinstance(results, dict) or results.get("format") != FORMAT:

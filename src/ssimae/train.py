@@ -517,5 +517,5 @@ class TrainingProgress:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
+    with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
