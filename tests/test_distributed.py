@@ -11,6 +11,9 @@ import pytest
 import torch
 from conftest import TINY_FLAGS
 
+from ssimae.distributed import timeout
+from ssimae.errors import SsimaeError
+
 HELPERS = Path(__file__).resolve().parent / "helpers"
 pytestmark = pytest.mark.slow
 
@@ -80,3 +83,12 @@ def test_commands_that_run_in_one_process_refuse_torchrun(ddp_run, mvtec_root):
                       ddp_run / "eval", cwd=ddp_run)
     assert result.returncode != 0 and "runs in one process; start it without torchrun" in result.stderr
     assert not (ddp_run / "eval").exists()
+
+
+@pytest.mark.parametrize("text", ["ten", "0", "-5", "nan"])
+def test_a_bad_collective_timeout_is_a_user_error(monkeypatch, text):
+    monkeypatch.setenv("SSIMAE_DIST_TIMEOUT", text)
+    with pytest.raises(SsimaeError, match="SSIMAE_DIST_TIMEOUT"):
+        timeout()
+    monkeypatch.setenv("SSIMAE_DIST_TIMEOUT", "90")
+    assert timeout().total_seconds() == 90

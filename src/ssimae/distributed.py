@@ -10,6 +10,7 @@ Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op for a si
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from datetime import timedelta
@@ -45,7 +46,14 @@ def launched() -> Rank:
 
 
 def timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get("SSIMAE_DIST_TIMEOUT", 600)))
+    text = os.environ.get("SSIMAE_DIST_TIMEOUT", "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SsimaeError(f"SSIMAE_DIST_TIMEOUT={text!r} must be a positive number of seconds, e.g. 600")
+    return timedelta(seconds=seconds)
 
 
 def setup(device: str = "auto") -> Rank:
