@@ -47,3 +47,15 @@ def test_contour_matches_scipy_morphology(shape, thick):
         edge = mask & ~ndimage.binary_erosion(mask, iterations=1, border_value=0)
         expected = ndimage.binary_dilation(edge, iterations=1) if thick else edge
         assert np.array_equal(contour(mask, thick), expected)
+
+
+def test_the_score_column_is_the_score_over_the_threshold_and_finite_for_a_zero_map():
+    from ssimae.detector import Prediction
+    from ssimae.predict import score_row
+
+    clean = Prediction(np.zeros((4, 4), np.float32), np.zeros((4, 4), bool), 0.0, False, 0)
+    hot = Prediction(np.full((4, 4), 0.3, np.float32), np.ones((4, 4), bool), 0.3, True, 1)
+    assert score_row("a.png", hot, 0.1, 0.2)["score"] == pytest.approx(1.5)  # the image threshold's ratio
+    assert score_row("a.png", hot, 0.1, None)["score"] == pytest.approx(3.0)  # no image threshold: the pixel one
+    assert score_row("a.png", clean, 0.0, None)["score"] == 0.0  # a zero map at a zero threshold is not inf
+    assert score_row("a.png", hot, 0.0, None)["score"] == float("inf")

@@ -105,7 +105,11 @@ def score_row(path: str, result: Prediction, pixel_threshold: float, image_thres
     """One scores.csv row. `score` is normalised so that 1.0 is the threshold the verdict used: the
     image threshold, or the pixel threshold when there is none (a --threshold override)."""
     reference = image_threshold if image_threshold is not None else pixel_threshold
-    return {"path": path, "score": result.score / reference if reference > 0 else float("inf"),
+    if reference > 0:
+        score = result.score / reference
+    else:  # a threshold of 0 (--threshold 0, or all-zero validation maps): no ratio, only above or not
+        score = float("inf") if result.score > reference else 0.0
+    return {"path": path, "score": score,
             "raw_score": result.score, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
             "defective": "yes" if result.defective else "no", "regions": result.regions,
             "defect_area_px": result.area, "defect_area_percent": 100.0 * result.area / result.mask.size}
