@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_FLAGS, texture_png, tmp_files
+from conftest import TINY_FLAGS, texture_png, tmp_files, write_png
 from PIL import Image
 
 import ssimae
@@ -379,3 +379,11 @@ def test_resize_and_smoothing_end_to_end(mvtec_root, tmp_path, capsys):
         assert written.shape == image.shape[:2]
         np.testing.assert_allclose(written, expected, atol=1e-6)
         assert np.abs(written - resize_map(detector.map_fn(working), *image.shape[:2])).max() > 1e-3  # smoothed
+
+
+def test_one_unreadable_image_asked_for_by_name_is_an_error(checkpoint_path, tmp_path, capsys):
+    bad = tmp_path / "cut.png"
+    write_png(bad, texture_png(140, 150, np.random.default_rng(0)))
+    bad.write_bytes(bad.read_bytes()[:80])
+    assert_user_error(capsys, ["predict", checkpoint_path, bad, "--output", tmp_path / "o", "--quiet"], "cut.png")
+    assert not (tmp_path / "o" / "scores.csv").exists()

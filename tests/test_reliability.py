@@ -197,10 +197,16 @@ def test_output_names_never_write_one_file_for_two_inputs():
 
 def test_predicting_into_the_input_folder_does_not_read_its_own_outputs(checkpoint_path, tmp_path):
     folder = write_good_folder(tmp_path / "in", count=2)
-    for _ in range(2):  # the second run finds the first run's PNG masks and overlays under in/out
-        assert main(["predict", str(checkpoint_path), str(folder), "--output", str(folder / "out"), "--quiet"]) == 0
-        with open(folder / "out" / "scores.csv", newline="") as handle:
+    for out in ("out", "out", "out2"):  # the later runs find the earlier runs' PNG masks and overlays
+        assert main(["predict", str(checkpoint_path), str(folder), "--output", str(folder / out), "--quiet"]) == 0
+        with open(folder / out / "scores.csv", newline="") as handle:
             assert [row["path"] for row in csv.DictReader(handle)] == ["good_0.png", "good_1.png"]
+
+
+def test_predicting_into_the_input_folder_itself_says_why_nothing_is_left(checkpoint_path, tmp_path, capsys):
+    folder = write_good_folder(tmp_path / "in", count=1)
+    assert main(["predict", str(checkpoint_path), str(folder), "--output", str(folder), "--quiet"]) == 2
+    assert "outside predict's outputs (1 image(s) there)" in capsys.readouterr().err
 
 
 def test_a_failed_train_leaves_no_run_folder(tmp_path):

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 def input_images(source: str | os.PathLike, skip: Path | None = None) -> tuple[list[Path], Path]:
     """(image files, the folder their relative output paths start from) for a file or folder.
 
-    Files under `skip` (the output folder, when it lies inside the input) are left out.
+    Files under `skip` (the output folder, when it lies inside the input) are left out, and so are the
+    maps, masks and overlays of earlier predict runs inside the input (a folder with a scores.csv).
     """
     source = Path(source)
     if source.is_file():
@@ -47,12 +48,19 @@ def input_images(source: str | os.PathLike, skip: Path | None = None) -> tuple[l
             raise SsimaeError(f"{source} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
         return [source], source.parent
     if source.is_dir():
-        paths = list_images(source)
+        found = list_images(source)
+        outputs = [folder / name for folder in (source, *source.rglob("*")) if (folder / "scores.csv").is_file()
+                   for name in OUTPUT_FOLDERS if (folder / name).is_dir()]
         if skip is not None:
-            skip = skip.resolve()
-            paths = [p for p in paths if not p.resolve().is_relative_to(skip)]
+            outputs.append(skip)
+        outputs = [folder.resolve() for folder in outputs]
+        paths = [p for p in found if not any(p.resolve().is_relative_to(folder) for folder in outputs)]
+        if len(paths) < len(found):
+            log.info("left out %d file(s) of predict's outputs inside %s", len(found) - len(paths), source)
         if not paths:
-            raise SsimaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+            outside = f" outside predict's outputs ({len(found)} image(s) there)" if found else ""
+            raise SsimaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}{outside}; "
+                              "pass the folder of the images to check, and an --output folder beside it")
         return paths, source
     raise SsimaeError(f"input {source} does not exist; pass an image file or a folder of images")
 
@@ -204,6 +212,10 @@ def predict_folder(
     the main process merges them into scores.csv in input order (the same file one process writes).
     """
     paths, base = input_images(source, skip=Path(output_dir))
+    if Path(source).is_file():  # one image asked for by name: failing to read it is an error, not a skip
+        _, reason = _read(paths[0], detector.config.max_image_pixels)
+        if reason is not None:
+            raise SsimaeError(reason)
     override = threshold
     threshold = detector.threshold if override is None else override
     if threshold is None:
