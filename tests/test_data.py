@@ -12,6 +12,7 @@ from PIL import Image
 
 from ssimae.config import parse_image_size
 from ssimae.data import (
+    check_test_masks,
     find_test_items,
     find_training_images,
     load_image,
@@ -314,11 +315,35 @@ def test_missing_mask_is_an_error_naming_the_image(tmp_path):
 
 
 def test_find_test_items_errors(tmp_path):
+    with pytest.raises(SsimaeError, match="does not exist"):
+        find_test_items(tmp_path / "nothere")
     with pytest.raises(SsimaeError, match="no test folder"):
         find_test_items(tmp_path)
     (tmp_path / "test" / "good").mkdir(parents=True)
     with pytest.raises(SsimaeError, match="no test images"):
         find_test_items(tmp_path)
+
+
+def _category_with_masks(root: Path, masks: list[np.ndarray]) -> list:
+    _tiny_png(root / "test" / "good" / "000.png")
+    for i, mask in enumerate(masks):
+        _tiny_png(root / "test" / "crack" / f"{i:03d}.png")
+        _save(root / "ground_truth" / "crack" / f"{i:03d}_mask.png", Image.fromarray(mask))
+    return find_test_items(root)
+
+
+def test_the_ground_truth_is_checked_before_an_evaluation(tmp_path, caplog):
+    blank, spot = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
+    spot[2:4, 2:4] = 255
+    check_test_masks(_category_with_masks(tmp_path / "fine", [spot, spot]))
+    assert caplog.records == []
+    with pytest.raises(SsimaeError, match="none of the 2 ground-truth masks marks a defect pixel"):
+        check_test_masks(_category_with_masks(tmp_path / "blank", [blank, blank]))
+    check_test_masks(_category_with_masks(tmp_path / "some", [blank, spot]))
+    assert "1 of 2 defect images have an empty mask" in caplog.text
+    caplog.clear()
+    check_test_masks(_category_with_masks(tmp_path / "inverted", [255 - spot, 255 - spot]))
+    assert "are they inverted?" in caplog.text
 
 
 def test_load_mask_size_mismatch_names_mask_and_sizes(tmp_path):

@@ -103,6 +103,11 @@ def test_missing_saved_files_are_named(tmp_path):
     (run / "curves.npz").unlink()
     with pytest.raises(SsimaeError, match="no curves.npz"):
         write_report(run)
+    (run / "curves.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(SsimaeError, match="curves.npz is damaged"):
+        write_report(run)
+    with pytest.raises(SsimaeError, match="does not exist"):
+        write_report(tmp_path / "nothere")
 
 
 def test_the_report_names_methods_below_the_no_network_floor(tmp_path):

@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint
 from .config import METHOD_NAMES, Config
-from .data import find_test_items, load_mask, read_image, resize_array, resize_map, to_color
+from .data import check_test_masks, find_test_items, load_mask, read_image, resize_array, resize_map, to_color
 from .detector import load_detector
 from .errors import SsimaeError
 from .evaluate import TestMaps, compute_test_maps, metrics_of
@@ -253,7 +253,7 @@ def compare(
     checkpoints = {method: Path(path) for method, path in (checkpoints or {}).items()}
     check_checkpoints(checkpoints, methods)
     test_root = dataset / "test"
-    find_test_items(dataset)  # fail on a bad test layout before any training
+    check_test_masks(find_test_items(dataset), config.max_image_pixels)  # fail on a bad test layout or ground truth before any training
     for method in methods:
         existing = output / "runs" / method / "checkpoint.pt"
         if method not in checkpoints and existing.exists():

@@ -231,6 +231,8 @@ def find_test_items(root: str | os.PathLike) -> list[TestItem]:
     """Labelled test images of an MVTec category: test/<defect>/*, masks in ground_truth/<defect>/."""
     root = Path(root)
     test = root / "test"
+    if not root.is_dir():
+        raise SsimaeError(f"data set {root} does not exist or is not a folder; pass an MVTec category folder")
     if not test.is_dir():
         raise SsimaeError(f"{root} has no test folder; evaluation needs the MVTec layout test/<defect>/<image>")
     items: list[TestItem] = []
@@ -247,6 +249,30 @@ def find_test_items(root: str | os.PathLike) -> list[TestItem]:
     if not items:
         raise SsimaeError(f"no test images found under {test}")
     return items
+
+
+def check_test_masks(items: list[TestItem], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """The ground truth before an evaluation: an error when no mask marks a defect pixel (the metrics
+    would all be undefined), a warning when defect images have empty masks (their image label comes from
+    the mask, so they count as good) or when the masks mark most of their images (inverted masks)."""
+    defective = [item for item in items if item.mask_path is not None]
+    if not defective:
+        return
+    empty, coverage = [], []
+    for item in defective:
+        mask = (read_image(item.mask_path, max_pixels) > 0).any(axis=2)  # its size is checked with its image's
+        coverage.append(float(mask.mean()))
+        if not mask.any():
+            empty.append(item.mask_path)
+    if len(empty) == len(defective):
+        raise SsimaeError(f"none of the {len(defective)} ground-truth masks marks a defect pixel (e.g. {empty[0]}); "
+                          "a mask is nonzero (white) where the defect is and zero elsewhere")
+    if empty:
+        log.warning("%d of %d defect images have an empty mask (e.g. %s): they count as good images in the image "
+                    "metrics; a mask is nonzero (white) where the defect is", len(empty), len(defective), empty[0])
+    if np.mean(coverage) > 0.5:
+        log.warning("the ground-truth masks mark %.0f%% of their images as defect on average: are they inverted? "
+                    "A mask is nonzero (white) where the defect is and zero elsewhere", 100 * np.mean(coverage))
 
 
 # --------------------------------------------------------------------------- training patches

@@ -15,8 +15,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .data import TestItem, find_test_items, load_mask, read_image
-from .errors import SsimaeError
+from .data import TestItem, check_test_masks, find_test_items, load_mask, read_image
 from .files import atomic_write_text, json_safe, output_folder
 from .metrics import best_accuracy, evaluate_maps
 from .detector import Detector
@@ -148,8 +147,7 @@ def evaluate(detector: Detector, dataset: str | os.PathLike, output_dir: str | o
              progress: Callable | None = None, save_maps: bool = False, threshold: float | None = None) -> dict:
     """Evaluate a detector on a dataset's test split; write metrics.json (and maps/ if asked).
     `threshold` replaces the detector's for the figures at the threshold."""
-    if not (Path(dataset) / "test").is_dir():
-        raise SsimaeError(f"{dataset} has no test folder; evaluation needs the MVTec layout test/<defect>/<image>")
+    check_test_masks(find_test_items(dataset), detector.config.max_image_pixels)  # a bad layout or ground truth fails before any work
     output_dir = output_folder(output_dir)
     maps_dir = output_dir / "maps" if save_maps else None
     test = compute_test_maps(detector, dataset, progress, maps_dir)

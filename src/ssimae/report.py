@@ -16,6 +16,7 @@ import html
 import io
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,8 @@ def load_results(run_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
     fix = f"run `ssimae compare DATASET --output {run_dir}` first"
+    if not run_dir.is_dir():
+        raise SsimaeError(f"{run_dir} does not exist or is not a folder; pass the --output folder of `ssimae compare`")
     if not path.is_file():
         raise SsimaeError(f"{run_dir} has no saved comparison results ({path.name} is missing); {fix}")
     try:
@@ -67,17 +70,23 @@ def load_results(run_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
     curves_path = run_dir / "curves.npz"
     if not curves_path.is_file():
         raise SsimaeError(f"{run_dir} has no {curves_path.name} (the saved curves); {fix}")
-    with np.load(curves_path) as data:
-        curves = {key: data[key] for key in data.files}
-    return results, curves
+    return results, read_npz(curves_path, fix)
+
+
+def read_npz(path: Path, fix: str) -> dict[str, np.ndarray]:
+    """The arrays of a saved .npz file; a damaged file is a SsimaeError naming it."""
+    try:
+        with np.load(path) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise SsimaeError(f"{path} is damaged ({error.__class__.__name__}: {error}); {fix}") from None
 
 
 def load_arrays(run_dir: Path, relative: str) -> dict[str, np.ndarray]:
     path = run_dir / relative
     if not path.is_file():
         raise SsimaeError(f"saved example {path} is missing; rerun `ssimae compare` into {run_dir}")
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
+    return read_npz(path, f"rerun `ssimae compare` into {run_dir}")
 
 
 # --------------------------------------------------------------------------- tables
