@@ -118,6 +118,9 @@ def test_defaults_validate_and_follow_the_paper():
         ({"precision": "fp16"}, "precision 'fp16' is not one of auto, fp32, tf32, bf16"),
         ({"patchcore_neighbourhood": 2}, "patchcore_neighbourhood 2 must be odd"),
         ({"seed": -1}, "seed must be >= 0"),
+        ({"seed": 2**64}, "seed must be below 2"),
+        ({"image_size": "100000"}, "more than max_image_pixels"),
+        ({"image_size": "40000x40000"}, "more than max_image_pixels"),
     ],
 )
 def test_validate_errors_carry_the_bad_value(changes, pattern):

@@ -213,3 +213,8 @@ def test_export_cli_errors(tiny, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "m.onnx")]) == 2
     assert main(["export", str(tiny["checkpoint"]), "--output", str(tmp_path / "m.onnx"), "--opset", "13"]) == 2
     assert "opset 13" in capsys.readouterr().err
+    assert main(["export", str(tiny["checkpoint"]), "--output", str(tmp_path / "m.onnx"), "--opset", "99"]) == 2
+    err = capsys.readouterr().err
+    assert "opset 99 cannot be exported" in err and "Traceback" not in err
+    assert main(["export", str(tiny["checkpoint"]), "--output", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

@@ -276,3 +276,15 @@ def test_progress_total_follows_the_time_budget(mvtec_root, tmp_path, monkeypatc
     budget = 200 * 2 * 4  # epochs x steps per epoch x batch: what the bar showed before
     assert totals and max(totals[len(totals) // 2:]) < budget / 4
     assert totals[-1] == pytest.approx(steps * 4, rel=0.5)
+
+
+def test_a_refused_atomic_write_names_the_target_not_its_temp_file(tmp_path):
+    from ssimae.files import atomic_path
+
+    target = tmp_path / "taken"
+    (target / "inside").mkdir(parents=True)  # a non-empty folder where the file should go
+    with pytest.raises(OSError) as info:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"data")
+    assert info.value.filename == str(target)
+    assert tmp_files(tmp_path) == []

@@ -205,9 +205,16 @@ class Config:
         if self.max_steps is not None and self.max_steps < 1:
             raise SettingError("max_steps", f"max_steps must be at least 1, got {self.max_steps}")
         try:
-            self.resize
+            size = self.resize
         except SsimaeError as error:
             raise SettingError("image_size", str(error)) from None
+        if size is not None:
+            width, height = (size, size) if isinstance(size, int) else size  # a shorter side: at least its square
+            if width * height > self.max_image_pixels:
+                raise SettingError("image_size", f"image_size {self.image_size} makes images of at least {width * height:,} "
+                                   f"pixels, more than max_image_pixels {self.max_image_pixels:,}; use a smaller size")
+        if self.seed >= 2**63:
+            raise SettingError("seed", f"seed must be below 2**63, got {self.seed}")
         return self
 
     def to_dict(self) -> dict:

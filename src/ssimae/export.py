@@ -141,8 +141,17 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, opset:
     require_onnx()
     if opset < 17:
         raise SsimaeError(f"opset {opset} is too old; use 17 or newer")
-    data = onnx_model_bytes(Checkpoint.load(checkpoint), opset)
     output = Path(output)
+    if output.is_dir():
+        raise SsimaeError(f"--output {output} is a folder; give the model's file name, e.g. {output / 'model.onnx'}")
+    model = Checkpoint.load(checkpoint)
+    try:
+        data = onnx_model_bytes(model, opset)
+    except RuntimeError as error:  # the exporter's own limit, e.g. "Unsupported onnx_opset_version: 99"
+        if "opset" not in str(error).lower():
+            raise
+        raise SsimaeError(f"opset {opset} cannot be exported by this torch ({str(error).splitlines()[0]}); "
+                          f"use {OPSET}, the default") from None
     with atomic_path(output) as tmp:
         tmp.write_bytes(data)
     return output
