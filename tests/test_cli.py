@@ -387,3 +387,11 @@ def test_one_unreadable_image_asked_for_by_name_is_an_error(checkpoint_path, tmp
     bad.write_bytes(bad.read_bytes()[:80])
     assert_user_error(capsys, ["predict", checkpoint_path, bad, "--output", tmp_path / "o", "--quiet"], "cut.png")
     assert not (tmp_path / "o" / "scores.csv").exists()
+
+
+def test_predict_warns_once_about_images_smaller_than_the_patch(checkpoint_path, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        write_png(tmp_path / "in" / name, texture_png(60, 70, rng))
+    code, _, err = run_cli(capsys, "predict", checkpoint_path, tmp_path / "in", "--output", tmp_path / "o", "--quiet")
+    assert code == 0 and err.count("smaller than the 128 px patch") == 1, err

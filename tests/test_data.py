@@ -438,3 +438,12 @@ def test_images_are_drawn_in_proportion_to_their_area():
     batch = sample_patches([small, large], 2000, 4, np.random.default_rng(10), rotate="none", flip=False)
     share = float(batch[:, 0, 0, 0].mean())
     assert share == pytest.approx(0.8, abs=0.04)
+
+
+def test_a_32_bit_image_of_8_bit_values_is_read_as_16_bit_with_a_warning(tmp_path, caplog, monkeypatch):
+    import ssimae.data
+
+    monkeypatch.setattr(ssimae.data, "_warned", set())
+    path = _save(tmp_path / "i32.tif", Image.fromarray(np.full((6, 6), 150, np.int32), mode="I"))
+    assert read_image(path).max() == pytest.approx(150 / 65535)
+    assert "holds values up to 150 only" in caplog.text

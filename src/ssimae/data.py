@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import SsimaeError
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()  # warnings given once per process
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Images larger than this are refused before decoding (a file whose header claims 30000x30000 would
@@ -85,6 +86,10 @@ def _pil_to_array(image: Image.Image, path: Path) -> np.ndarray:
                 f"integer image {path} has values in [{array.min()}, {array.max()}], outside the 16-bit range "
                 "0..65535; save it as 8/16-bit or as float in [0, 1]"
             )
+        if mode == "I" and array.size and array.max() <= 255 and "8-bit values" not in _warned:
+            _warned.add("8-bit values")  # once per process: a folder of such images would repeat it
+            log.warning("integer image %s holds values up to %d only, and is read as 16-bit (0..65535), so it looks "
+                        "almost black; if it is an 8-bit image stored as 32-bit, save it as 8-bit", path, array.max())
         array = array.astype(np.float32) / 65535.0
     elif mode == "F":
         array = array.astype(np.float32)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -38,6 +39,8 @@ from .errors import SsimaeError
 from .files import atomic_path
 from .losses import SsimSettings, reconstruction, residual_map
 from .methods import METHODS
+
+log = logging.getLogger(__name__)
 
 FORMAT = "ssimae-onnx-1"
 OPSET = 17
@@ -145,6 +148,9 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, opset:
     if output.is_dir():
         raise SsimaeError(f"--output {output} is a folder; give the model's file name, e.g. {output / 'model.onnx'}")
     model = Checkpoint.load(checkpoint)
+    if model.thresholds is None:
+        log.warning("%s has no threshold (its training did not finish): predicting with the export will need "
+                    "--threshold", checkpoint)
     try:
         data = onnx_model_bytes(model, opset)
     except RuntimeError as error:  # the exporter's own limit, e.g. "Unsupported onnx_opset_version: 99"

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, list_images, read_image
+from .data import IMAGE_EXTENSIONS, list_images, read_image, target_size
 from .detector import Detector, Prediction, load_detector  # noqa: F401  (load_detector: the 0.1.0 import path)
 from .distributed import Rank, barrier, gather, shard
 from .errors import SsimaeError
@@ -90,11 +90,20 @@ def output_names(paths: list[Path], base: Path) -> dict[Path, Path]:
 
 
 def warn_colour_mismatch(image: np.ndarray, detector: Detector, path: Path, warned: set) -> None:
+    """Warn once per run about what the model changes in its input: the colour, or (a reconstruction
+    method) an image smaller than the patch, which is reflect-padded."""
     native = "rgb" if image.shape[2] == 3 else "gray"
     if native != detector.config.color and native not in warned:
         warned.add(native)
         log.warning("%s is %s but the model is %s: converting %s images to %s", path, native,
                     detector.config.color, native, detector.config.color)
+    config = detector.config
+    if config.kind == "reconstruction" and "small" not in warned:
+        height, width = target_size(*image.shape[:2], config.resize)
+        if min(height, width) < config.patch_size:
+            warned.add("small")
+            log.warning("%s is %dx%d, smaller than the %d px patch: it is reflect-padded, which the model never saw "
+                        "whole; its map is less reliable", path, width, height, config.patch_size)
 
 
 def write_tiff(path: Path, amap: np.ndarray) -> None:

@@ -240,7 +240,8 @@ def fit(
 def check_resumable(previous: Checkpoint, config: Config, path: Path) -> None:
     changed = [k for k in MODEL_SHAPING if getattr(previous.config, k) != getattr(config, k)]
     if changed:
-        raise SsimaeError(f"cannot resume {path}: {', '.join(changed)} differ from the checkpoint; "
+        raise SsimaeError(f"cannot resume {path}: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} "
+                          "from the checkpoint; "
                           "keep them or start a new run")
     if previous.training.complete and previous.config.kind != "reconstruction":
         raise SsimaeError(f"cannot resume {path}: {previous.method} has no training to continue; start a new run")
