@@ -66,6 +66,18 @@ def test_nearest_distances_are_exact_across_chunks(monkeypatch):
     torch.testing.assert_close(nearest_distances(queries, bank), exact, atol=1e-4, rtol=0)
 
 
+def test_refined_nearest_distances_are_exact_where_the_expansion_cancels():
+    # queries close to rare bank rows far from the bank's mean: the expansion loses ~0.4 here, the
+    # refinement (the ONNX graph's) measures the nearest row's distance directly
+    g = torch.Generator().manual_seed(0)
+    rare = torch.randn(5, 64, generator=g) + 60.0
+    bank = torch.cat([torch.randn(300, 64, generator=g), rare])
+    queries = rare.repeat(20, 1) + 0.05 * torch.randn(100, 64, generator=g)
+    exact = torch.cdist(queries.double(), bank.double()).min(dim=1).values
+    assert (nearest_distances(queries, bank, refine=False).double() - exact).abs().max() > 0.01
+    torch.testing.assert_close(nearest_distances(queries, bank, refine=True).double(), exact, atol=1e-5, rtol=0)
+
+
 def test_nearest_distances_of_few_dimensions_are_exact():
     # block 0's 16 dimensions go through the k-d tree on the CPU: exact, even at a distance of 0, where the
     # distance matrices' |q|^2 - 2 q.m + |m|^2 in float32 leaves up to about 1e-3

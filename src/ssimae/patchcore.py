@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -162,7 +163,7 @@ class PatchCore(nn.Module):
         return nearest_distances(queries, self.bank).reshape(1, 1, h, w)
 
 
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, refine: bool | None = None) -> torch.Tensor:
     """Euclidean distance from each query (Q, D) to its nearest bank row (M, D): (Q,), exact.
 
     |q - m|^2 = |q|^2 - 2 q.m + |m|^2 as one matrix product per chunk of queries and bank rows;
@@ -172,12 +173,19 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
     the exact ones instead of 1.0e-4; finding the nearest row and measuring |q - m| directly was exact
     but made the ONNX graph 26% slower). On the CPU, features of at most KDTREE_MAX_DIM dimensions go
     through a k-d tree instead. Always in float32, also under a bf16 autocast (the backbone's): in bf16
-    (3 significant digits) the expansion's distances were off by up to 0.85 for 344-dimension features."""
+    (3 significant digits) the expansion's distances were off by up to 0.85 for 344-dimension features.
+
+    refine (default: while exporting to ONNX): take each chunk's nearest row by the expansion, then measure
+    its distance directly. The expansion loses digits where a query and its nearest row lie close together
+    but far from the bank's mean (a rare feature the coreset kept): on the bundled example's maps at 8x,
+    1.9e-4 from the k-d tree's exact distances on one image of six, 3e-5 refined. It costs an ArgMin, which
+    ONNX Runtime does slowly (26% more time), so the torch paths skip it."""
+    refine = torch.onnx.is_in_onnx_export() if refine is None else refine
     with torch.autocast(queries.device.type, enabled=False):
-        return _nearest_distances(queries.float(), bank.float())
+        return _nearest_distances(queries.float(), bank.float(), refine)
 
 
-def _nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def _nearest_distances(queries: torch.Tensor, bank: torch.Tensor, refine: bool) -> torch.Tensor:
     small = queries.device.type == "cpu" and not torch.onnx.is_in_onnx_export()
     if small and queries.shape[1] <= KDTREE_MAX_DIM and not torch.jit.is_tracing():
         return _kdtree_distances(queries, bank)
@@ -193,7 +201,10 @@ def _nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tenso
         for bank_start in range(0, bank.shape[0], bank_chunk):
             part = bank[bank_start : bank_start + bank_chunk]
             d2 = torch.addmm(q_norm + bank_norm[bank_start : bank_start + bank_chunk], q, part.T, alpha=-2.0)
-            low = d2.min(dim=1).values
+            if refine:
+                low = (q - part[d2.argmin(dim=1)]).square().sum(1)
+            else:
+                low = d2.min(dim=1).values
             smallest = low if smallest is None else torch.minimum(smallest, low)
         best.append(smallest)
     return torch.cat(best).clamp(min=0).sqrt()
@@ -202,8 +213,16 @@ def _nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tenso
 def _kdtree_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """nearest_distances by scipy's k-d tree (CPU, few dimensions), in torch's threads."""
     tree = cKDTree(bank.double().numpy())
-    distances, _ = tree.query(queries.double().numpy(), k=1, workers=torch.get_num_threads())
-    return torch.from_numpy(distances.astype(np.float32))
+    points = queries.double().numpy()
+    threads = min(torch.get_num_threads(), max(1, len(points) // 4096))
+    if threads == 1:
+        return torch.from_numpy(tree.query(points, k=1)[0].astype(np.float32))
+    # Our threads, not the query's own `workers`: on Ctrl-C scipy's query returns while its worker threads
+    # still read the arrays it frees (a segfault); here the pool outlives every chunk's query. Each query
+    # releases the GIL, so the speed is the same.
+    with ThreadPoolExecutor(threads, thread_name_prefix="ssimae-kdtree") as pool:
+        parts = list(pool.map(lambda chunk: tree.query(chunk, k=1)[0], np.array_split(points, threads)))
+    return torch.from_numpy(np.concatenate(parts).astype(np.float32))
 
 
 def greedy_coreset(features: torch.Tensor, size: int, projection: int = 128, seed: int = 0,
