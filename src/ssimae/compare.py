@@ -253,7 +253,9 @@ def compare(
     checkpoints = {method: Path(path) for method, path in (checkpoints or {}).items()}
     check_checkpoints(checkpoints, methods)
     test_root = dataset / "test"
-    check_test_masks(find_test_items(dataset), config.max_image_pixels)  # fail on a bad test layout or ground truth before any training
+    check_test_masks(find_test_items(dataset), config.max_image_pixels)  # a bad layout or ground truth fails first
+    if output.exists() and not output.is_dir():
+        raise SsimaeError(f"output {output} is a file, not a folder; choose another --output")
     for method in methods:
         existing = output / "runs" / method / "checkpoint.pt"
         if method not in checkpoints and existing.exists():
