@@ -447,3 +447,11 @@ def test_a_32_bit_image_of_8_bit_values_is_read_as_16_bit_with_a_warning(tmp_pat
     path = _save(tmp_path / "i32.tif", Image.fromarray(np.full((6, 6), 150, np.int32), mode="I"))
     assert read_image(path).max() == pytest.approx(150 / 65535)
     assert "holds values up to 150 only" in caplog.text
+
+
+def test_an_empty_validation_folder_falls_back_to_the_holdout(tmp_path, caplog):
+    root = _mvtec_train(tmp_path / "cat", 10)
+    (root / "validation" / "good").mkdir(parents=True)
+    split = find_training_images(root, 0.2, seed=0)
+    assert len(split.validation) == 2 and len(split.train) == 8
+    assert "has no images" in caplog.text

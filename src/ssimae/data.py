@@ -207,6 +207,10 @@ def find_training_images(root: str | os.PathLike, val_fraction: float, seed: int
         train = list_images(good)
         where = good
         validation = list_images(root / "validation" / "good") if (root / "validation" / "good").is_dir() else None
+        if validation == []:
+            log.warning("%s has no images: the validation images are held out of train/good instead (--val-fraction)",
+                        root / "validation" / "good")
+            validation = None
     else:
         train, where, validation = list_images(root), root, None
     if not train:
