@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,8 @@ def _load_error_reason(error: Exception) -> str:
     A weights-only failure carries torch's advice to load with weights_only=False, which is wrong
     for a foreign or damaged file: that advice is dropped and the reason kept.
     """
+    if isinstance(error, (KeyError, EOFError, pickle.UnpicklingError)) and "unsupported" not in str(error).lower():
+        return "not a PyTorch file, or cut short"  # what torch.load raises on text or a cut-off legacy file
     text = str(error)
     for marker in ("WeightsUnpickler error:", "Unsupported operand", "Unsupported global"):
         if marker in text:
@@ -259,4 +262,4 @@ def _load_error_reason(error: Exception) -> str:
     lines = [line.strip() for line in text.splitlines()
              if line.strip() and "weights_only" not in line and "torch.load" not in line
              and "Please file an issue" not in line and "unsafe" not in line.lower()]
-    return lines[0][:200] if lines else type(error).__name__
+    return lines[0].split(". ")[0][:200] if lines else type(error).__name__  # the first sentence
