@@ -353,3 +353,26 @@ def test_blur_floor_equals_scipy_with_the_detector_smoothing():
 
     detector = Detector(config, grid_map_fn(lambda x: BlurResidual(config.blur_sigma)(x)), None, 1)
     np.testing.assert_allclose(detector.anomaly_map(image[:, :, None]), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("length, pad", [(7, 3), (5, 12), (1, 4), (2, 9)])
+def test_symmetric_pad_mirrors_like_numpy_also_beyond_the_axis(length, pad):
+    from ssimae.blur import symmetric_pad
+
+    x = torch.arange(float(length)).reshape(1, 1, 1, length).expand(1, 1, 2, length)
+    expected = np.pad(x.numpy(), [(0, 0), (0, 0), (0, 0), (pad, pad)], mode="symmetric")
+    np.testing.assert_array_equal(symmetric_pad(x, pad, 3).numpy(), expected)
+
+
+def test_an_exported_blur_floor_takes_images_thinner_than_its_radius(tmp_path):
+    from ssimae.export import export_onnx
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_png(tmp_path / "good" / f"{i}.png", texture_png(160, 192, rng))
+    result = fit(Config(method="blur", val_fraction=0.0), tmp_path / "good", tmp_path / "run", progress=False)
+    torch_detector = load_detector(result.checkpoint, overrides={"device": "cpu"})
+    onnx_detector = load_detector(export_onnx(result.checkpoint, tmp_path / "blur.onnx"), "onnxruntime")
+    for height, width in [(20, 300), (300, 20), (5, 5)]:  # the radius at sigma 8 is 32
+        image = texture(height, width, rng)[:, :, None]
+        np.testing.assert_allclose(onnx_detector.anomaly_map(image), torch_detector.anomaly_map(image), atol=1e-5)

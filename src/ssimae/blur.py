@@ -31,13 +31,13 @@ def gaussian_taps(sigma: float) -> np.ndarray:
 
 
 def symmetric_pad(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
-    """Pad `dim` by `pad` on both sides, mirroring with the edge repeated (abc -> cba|abc|cba)."""
-    while pad > 0:
-        step = min(pad, x.shape[dim])  # an axis shorter than the pad is mirrored again and again
-        first, last = x.narrow(dim, 0, step).flip(dim), x.narrow(dim, x.shape[dim] - step, step).flip(dim)
-        x = torch.cat([first, x, last], dim=dim)
-        pad -= step
-    return x
+    """Pad `dim` by `pad` on both sides, mirroring with the edge repeated (abc -> cba|abc|cba), also for an
+    axis shorter than the pad (mirrored again and again: the indices fold with period 2n). Index arithmetic,
+    no loop: an ONNX graph traced on one size then pads any size."""
+    n = x.shape[dim]
+    index = torch.remainder(torch.arange(-pad, n + pad, device=x.device), 2 * n)
+    index = torch.where(index >= n, 2 * n - 1 - index, index)
+    return x.index_select(dim, index)
 
 
 class BlurResidual(nn.Module):
