@@ -241,6 +241,33 @@ def test_resume_applies_and_records_changed_settings(checkpoint_path, mvtec_root
     assert "settings changed from step 2" in (run / "train.log").read_text()
 
 
+def test_a_resume_with_another_seed_keeps_the_validation_split(mvtec_root, tmp_path, monkeypatch):
+    import ssimae.train as train
+
+    splits = []
+    real = train.find_training_images
+    monkeypatch.setattr(train, "find_training_images", lambda *args: splits.append(real(*args)) or splits[-1])
+    fit(tiny_config(max_steps=1, val_fraction=0.5), mvtec_root, tmp_path / "run", progress=False)
+    fit(tiny_config(max_steps=2, val_fraction=0.5, seed=7), mvtec_root, tmp_path / "run", resume=True, progress=False)
+    assert splits[0] == splits[1]
+    assert real(mvtec_root, 0.5, 7) != splits[0]  # seed 7's own split differs: the first segment's seed was kept
+
+
+def test_a_resumed_run_gets_only_what_is_left_of_its_time_budget(mvtec_root, tmp_path, monkeypatch):
+    """--max-minutes counts the whole wall time, validation and saves too: a resume with the same budget
+    after the time ran out trains no further step (the budget was counted on two clocks before)."""
+    import ssimae.train as train
+
+    clock = iter(range(0, 10**6, 1))  # every reading of the clock is one second later
+    monkeypatch.setattr(train.time, "monotonic", lambda: float(next(clock)))
+    config = tiny_config(max_steps=None, max_minutes=0.5)
+    fit(config, mvtec_root, tmp_path / "run", progress=False)
+    first = Checkpoint.load(tmp_path / "run" / "checkpoint.pt").training
+    fit(config, mvtec_root, tmp_path / "run", resume=True, progress=False)
+    again = Checkpoint.load(tmp_path / "run" / "checkpoint.pt").training
+    assert 0 < first.step and again.step == first.step
+
+
 @pytest.mark.parametrize("method", ["ssim-ae", "l2-ae", "vae", "fm-ae"])
 @pytest.mark.slow
 def test_resume_is_bit_exact(method, mvtec_root, tmp_path):

@@ -231,7 +231,11 @@ def fit(
         check_resumable(previous, config, checkpoint_path)
     elif checkpoint_path.exists():
         raise SsimaeError(f"{checkpoint_path} exists; pass --resume to continue it or choose another --output")
-    split = find_training_images(data_root, config.val_fraction, config.seed)  # a bad folder fails before any file
+    # The held-out split is the run's from its start: a seed changed on resume reseeds the sampling, not the split
+    # (the images trained on would become validation images).
+    split_seed = config.seed if previous is None else \
+        (previous.segments[0]["config"]["seed"] if previous.segments else previous.config.seed)
+    split = find_training_images(data_root, config.val_fraction, split_seed)  # a bad folder fails before any file
     rank = launched()
     with run_folder(run_dir, fresh=previous is None, active=rank.main):
         return _fit(config, split, run_dir, checkpoint_path, previous, progress and rank.main, rank)
@@ -411,7 +415,10 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60 - state.seconds
+    # One clock for the budget and state.seconds: the segment's wall time, validation and saves included, so a
+    # resumed run gets only what is left of --max-minutes.
+    segment_started, seconds_before = time.monotonic(), state.seconds
+    deadline = None if config.max_minutes is None else segment_started + config.max_minutes * 60 - seconds_before
 
     def out_of_time() -> bool:  # every process stops at the same step
         return any_rank(deadline is not None and time.monotonic() >= deadline, device)
@@ -431,7 +438,8 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
                 break
             loss = (warm_loss * warm_done + loss * (done - warm_done)) / done
             elapsed = time.monotonic() - started
-            state.step, state.epoch, state.seconds = state.step + done, state.epoch + 1, state.seconds + elapsed
+            state.step, state.epoch = state.step + done, state.epoch + 1
+            state.seconds = seconds_before + time.monotonic() - segment_started
             if not rank.main:
                 continue
             record = {"epoch": state.epoch, "step": state.step, "loss": loss,
@@ -442,6 +450,7 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
             log.info("epoch %d step %d loss %.5f val_loss %.5f fidelity %.3f detail %.3f %.0f patches/s",
                      state.epoch, state.step, loss, record["val_loss"], record["fidelity_corr"],
                      record["detail_ratio"], record["patches_per_s"])
+            state.seconds = seconds_before + time.monotonic() - segment_started  # the validation loss's time too
             keep_training_state(checkpoint, model, optimizer)
             checkpoint.save(run_dir / "checkpoint.pt")
     keep_training_state(checkpoint, model, optimizer)
