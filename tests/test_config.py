@@ -165,3 +165,12 @@ def test_parse_image_size_errors(text):
     with pytest.raises(SsimaeError, match="image size") as info:
         parse_image_size(text)
     assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["meta", "mps", "xpu", "gpu"])
+def test_devices_other_than_cpu_and_cuda_are_setting_errors(name):
+    from ssimae.devices import resolve_device
+
+    with pytest.raises(SettingError, match="auto, cpu, cuda or cuda:N") as info:
+        resolve_device(name)
+    assert info.value.setting == "device"

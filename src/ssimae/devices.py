@@ -19,6 +19,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise SettingError("device", f"device {name!r} is unknown; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: not what training and inference were made for
+        raise SettingError("device", f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise SettingError("device", f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
                                      "visible; use cuda:0 or auto")
