@@ -107,7 +107,9 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
                       "settings (also settable in a YAML --config)")
     parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="named settings under --config and flags: paper (the defaults) or tuned")
+                        help="named settings under --config and flags: paper (the paper's protocol: no L2 warm-up, "
+                             "the min-area threshold rule, the map maximum as image score) or tuned (an L2 warm-up "
+                             "for every method, maps smoothed with sigma 2)")
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
