@@ -16,6 +16,7 @@ from conftest import build_mvtec
 from ssimae.cli import main
 from ssimae.compare import pro_up_to, thin_curve
 from ssimae.methods import COMPARED
+from ssimae.metrics import image_auroc
 
 METHOD_NAMES = COMPARED  # what `compare` runs by default
 
@@ -83,6 +84,9 @@ def test_metrics_json_has_every_method_and_defect_type(run):
         assert entry["training"]["seconds"] > 0
         assert entry["training"]["reused"] is False
         assert len(entry["per_image"]) == 5
+        labels = [row["defect_type"] != "good" for row in entry["per_image"]]  # the method's own image score
+        assert image_auroc([row["score"] for row in entry["per_image"]], labels) == \
+            pytest.approx(entry["metrics"]["image_auroc"])
         assert entry["picks"]["best"] and entry["picks"]["worst"]
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [(r["method"], r["subset"]) for r in rows] == [(m, s) for m in METHOD_NAMES for s in ("all", "scratch")]

@@ -123,6 +123,10 @@ def test_the_report_names_methods_below_the_no_network_floor(tmp_path):
     assert floor_sentence(results).startswith("Below the no-network floor (blur, AU-PRO 0.600): ssim-ae.")
     page = write_report(run).read_text()
     assert "AU-PRO vs floor" in page and "-0.200" in page and "+0.200" in page
+    results["results"]["ssim-ae"]["metrics"]["au_pro"] = None  # unknown is neither above nor below
+    assert floor_sentence(results) == "Above the no-network floor (blur, AU-PRO 0.600): patchcore."
+    results["results"]["blur"]["metrics"]["au_pro"] = None
+    assert floor_sentence(results) == ""
     assert "Below the no-network floor" in (run / "metrics.md").read_text()
 
 

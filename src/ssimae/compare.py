@@ -134,12 +134,14 @@ def method_curves(test: TestMaps, method: str) -> dict[str, np.ndarray]:
             f"{method}.pro_fpr": pro_fpr, f"{method}.pro_value": pro_value}
 
 
-def per_image_scores(test: TestMaps, threshold: float | None, test_root: Path) -> list[dict]:
-    """Per test image: path, defect type, image score, and for defective images pixel AUROC and IoU."""
+def per_image_scores(test: TestMaps, threshold: float | None, test_root: Path,
+                     score: Callable[[np.ndarray], float] = lambda amap: float(amap.max())) -> list[dict]:
+    """Per test image: path, defect type, image score (the detector's own, which its image AUROC and verdicts
+    use), and for defective images pixel AUROC and IoU."""
     rows = []
     for item, amap, mask in zip(test.items, test.maps, test.masks):
         row = {"path": item.path.relative_to(test_root).as_posix(), "defect_type": item.defect_type,
-               "score": float(amap.max()), "pixel_auroc": None, "iou": None}
+               "score": float(score(amap)), "pixel_auroc": None, "iou": None}
         if mask.any():
             auroc = pixel_auroc([amap], [mask])
             row["pixel_auroc"] = None if math.isnan(auroc) else auroc
@@ -215,7 +217,8 @@ def example_arrays(image: np.ndarray, mask: np.ndarray, checkpoints: dict[str, P
         if method == "ssim-ae":
             x = torch.from_numpy(np.ascontiguousarray(to_color(image, cfg.color))).permute(2, 0, 1)[None]  # (1, C, H, W)
             y = torch.from_numpy(np.ascontiguousarray(recon)).permute(2, 0, 1)[None]  # (1, C, H, W)
-            for name, values in ssim_components(x, y, cfg.ssim_window, cfg.ssim_sigma)._asdict().items():
+            components = ssim_components(x, y, cfg.ssim_window, cfg.ssim_sigma, cfg.ssim_data_range)  # the model's SSIM
+            for name, values in components._asdict().items():
                 arrays[f"ssim_{name}"] = shrink(values.mean(dim=1)[0].numpy(), EXAMPLE_SIDE).astype(np.float16)
     return arrays
 
@@ -276,7 +279,7 @@ def compare(
         test = compute_test_maps(detector, dataset, image_progress(method) if image_progress else None)
         metrics = metrics_of(test, detector, FPR_LIMIT)
         curves.update(method_curves(test, method))
-        rows = per_image_scores(test, detector.threshold, test_root)
+        rows = per_image_scores(test, detector.threshold, test_root, detector.image_score)
         picks = method_picks(test, rows, detector.threshold, method, data_dir, config.max_image_pixels)
         results[method] = {"metrics": metrics, "training": training,
                            "evaluation_seconds": time.monotonic() - started, "per_image": rows, "picks": picks}

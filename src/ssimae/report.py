@@ -319,6 +319,11 @@ def floor_sentence(results: dict) -> str:
     below = [m for m, d in margins.items() if d is not None and d < 0]
     floor = results["results"][FLOOR]["metrics"]["au_pro"]
     if not below:
+        known = [m for m, d in margins.items() if d is not None]
+        if not known:  # no AU-PRO to compare (e.g. no defect pixels in the masks)
+            return ""
+        if len(known) < len(margins):
+            return f"Above the no-network floor (blur, AU-PRO {_number(floor, 3)}): {', '.join(known)}."
         return f"Every method is above the no-network floor (blur, AU-PRO {_number(floor, 3)})."
     sentence = (f"Below the no-network floor (blur, AU-PRO {_number(floor, 3)}): {', '.join(below)}. Their maps find "
                 "less than a filter residual does on these images.")
