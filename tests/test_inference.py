@@ -179,3 +179,22 @@ def test_smooth_map_is_scipy_gaussian_with_reflection_and_zero_is_identity():
     assert smooth_map(amap, 0) is amap
     np.testing.assert_allclose(smooth_map(amap, 2.0), ndimage.gaussian_filter(amap.astype(np.float64), 2.0,
                                                                               mode="reflect"), atol=1e-6)
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", False), ("tf32", True)])
+def test_inference_sets_the_tf32_switches_its_precision_asks_for_and_restores_them(precision, expected):
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return x
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = not expected  # torch's default on CUDA is True for convolutions
+    try:
+        torch_patch_fn(Spy(), "l2", precision=precision)(torch.rand(2, 1, 16, 16))
+        assert seen == [(expected, expected)]
+        assert torch.backends.cudnn.allow_tf32 is (not expected)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -28,7 +28,7 @@ from scipy import ndimage
 from .checkpoint import Checkpoint, Thresholds
 from .config import BACKENDS, INFERENCE_SETTINGS, Config, config_from_dict
 from .data import read_image, resize_image, resize_map, to_color
-from .devices import resolve_device, resolve_precision
+from .devices import resolve_device, resolve_precision, tf32
 from .errors import SettingError, SsimaeError
 from .inference import PatchFn, sliding_window, smooth_map, torch_patch_fn
 from .scoring import image_score
@@ -184,11 +184,11 @@ def torch_detector(checkpoint: Checkpoint, device: torch.device, config: Config 
 
         return Detector(config, reconstruction_map_fn(patch_fn, config, device), checkpoint.thresholds,
                         checkpoint.channels, reconstruct)
-    bf16 = resolve_precision(config.precision, device, "infer") == "bf16"
+    precision = resolve_precision(config.precision, device, "infer")
 
     @torch.inference_mode()
     def grid_fn(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with tf32(precision == "tf32"), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             return network(x.to(device))
 
     return Detector(config, grid_map_fn(grid_fn, grid_stride(config)), checkpoint.thresholds, checkpoint.channels)

@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 
 from .data import pad_to_min_size
-from .devices import resolve_precision
+from .devices import resolve_precision, tf32
 from .errors import SsimaeError
 from .losses import SsimSettings, reconstruction, residual_map
 
@@ -95,7 +95,8 @@ def torch_patch_fn(
     model.eval()
     model.to(memory_format=torch.channels_last)
     device = torch.device(device)
-    bf16 = resolve_precision(precision, device, "infer") == "bf16"
+    resolved = resolve_precision(precision, device, "infer")
+    bf16 = resolved == "bf16"
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -108,7 +109,8 @@ def torch_patch_fn(
     @torch.inference_mode()
     def patch_fn(patches: torch.Tensor) -> torch.Tensor:
         x = patches.to(device, non_blocking=True)  # (N, C, P, P)
-        return in_micro_batches(run, x, INFER_MICRO_BATCH if device.type == "cpu" else len(x))
+        with tf32(resolved == "tf32"):  # fp32 is strict fp32 on CUDA (torch's default lets convolutions use TF32)
+            return in_micro_batches(run, x, INFER_MICRO_BATCH if device.type == "cpu" else len(x))
 
     return patch_fn
 
