@@ -234,6 +234,10 @@ def load_detector(source: str | os.PathLike, backend: str = "torch", overrides: 
     if backend == "onnxruntime":
         from .onnx_backend import onnx_detector
 
+        if overrides.get("precision") not in (None, "auto", "fp32"):
+            log.warning("--precision %s applies to the torch backend only; ONNX Runtime runs the graph in fp32",
+                        overrides["precision"])
+
         return onnx_detector(source, torch_device, overrides, threshold)
     checkpoint = Checkpoint.load(source)
     config = apply_overrides(checkpoint.config, overrides)

@@ -24,7 +24,8 @@ PatchFn = Callable[[torch.Tensor], torch.Tensor]  # (N, C, P, P) -> (N, K, P, P)
 def window_starts(length: int, patch_size: int, stride: int) -> list[int]:
     """Start offsets along one axis: 0, stride, 2*stride, ... and finally length - patch_size."""
     if stride < 1 or stride > patch_size:
-        raise SsimaeError(f"stride {stride} > patch size {patch_size}: tiles would leave gaps; use a stride <= {patch_size}")
+        raise SsimaeError(f"stride {stride} is outside 1..{patch_size} (the patch size): tiles would leave gaps; "
+                          f"use a stride from 1 to {patch_size}")
     if length < patch_size:
         raise ValueError(f"length {length} is smaller than the patch size {patch_size}; pad the image first")
     starts = list(range(0, length - patch_size + 1, stride))
