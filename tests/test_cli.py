@@ -395,3 +395,15 @@ def test_predict_warns_once_about_images_smaller_than_the_patch(checkpoint_path,
         write_png(tmp_path / "in" / name, texture_png(60, 70, rng))
     code, _, err = run_cli(capsys, "predict", checkpoint_path, tmp_path / "in", "--output", tmp_path / "o", "--quiet")
     assert code == 0 and err.count("smaller than the 128 px patch") == 1, err
+
+
+def test_a_broken_link_in_the_input_is_listed_as_an_error(checkpoint_path, mvtec_root, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_good.png").write_bytes((mvtec_root / "test" / "good" / "000.png").read_bytes())
+    (folder / "b_gone.png").symlink_to(tmp_path / "nowhere.png")
+    code, _, err = run_cli(capsys, "predict", checkpoint_path, folder, "--output", tmp_path / "o", "--quiet")
+    assert code == 1 and "Traceback" not in err
+    with open(tmp_path / "o" / "errors.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["path"] == "b_gone.png" and "broken link" in row["reason"]

@@ -45,6 +45,8 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     of more than `max_pixels` pixels is refused from its header, before any decoding.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise SsimaeError(f"image {path} is a broken link (to {os.readlink(path)}); fix or remove it")
     if not path.is_file():
         raise SsimaeError(f"image {path} does not exist")
     if path.stat().st_size == 0:
@@ -175,12 +177,14 @@ def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under a folder, recursively, sorted; hidden files skipped."""
+    """Image files under a folder, recursively, sorted; hidden files skipped. A broken link with an image's
+    name is listed too, so that reading it reports it instead of the file silently missing."""
     folder = Path(folder)
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        if (p.is_file() or p.is_symlink() and not p.exists())
+        and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
 
 
