@@ -33,7 +33,8 @@ TYPED = "_typed_flags"  # namespace attribute: setting name -> the flag the user
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """argparse's usage errors on one line, like every other user error."""
-        self.exit(2, f"ssimae: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+        where = "" if self.prog == "ssimae" else f"{self.prog}: "  # the top parser's name is the prefix already
+        self.exit(2, f"ssimae: error: {where}{message}; see `{self.prog} --help`\n")
 
 
 def _without_abbreviations(add_parser):
