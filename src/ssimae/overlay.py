@@ -96,7 +96,7 @@ def verdict_overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, pixel
     page = Image.fromarray(canvas)
     draw = ImageDraw.Draw(page)
     draw.text((6, 3), caption, fill=(190, 0, 0) if defective else (0, 110, 0), font=_font(18))
-    labels = ("input", f"anomaly map, 0 to {top:.3g} (2 x pixel threshold)", "mask (red contour)")
+    labels = ("input", f"anomaly map 0 to {top:.3g} (2x threshold)", "mask (red contour)")
     for index, label in enumerate(labels):
         draw.text((index * (width + GAP) + 6, 26), label, fill=(60, 60, 60), font=_font(13))
     return np.asarray(page)
