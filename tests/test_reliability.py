@@ -253,6 +253,15 @@ def test_a_resume_with_another_seed_keeps_the_validation_split(mvtec_root, tmp_p
     assert real(mvtec_root, 0.5, 7) != splits[0]  # seed 7's own split differs: the first segment's seed was kept
 
 
+def test_a_resume_on_another_data_folder_is_said(mvtec_root, tmp_path, caplog):
+    fit(tiny_config(max_steps=1), mvtec_root, tmp_path / "run", progress=False)
+    other = shutil.copytree(mvtec_root, tmp_path / "other")
+    fit(tiny_config(max_steps=2), mvtec_root, tmp_path / "run", resume=True, progress=False)
+    assert "resuming a run that started on" not in caplog.text
+    fit(tiny_config(max_steps=3), other, tmp_path / "run", resume=True, progress=False)
+    assert f"resuming a run that started on {mvtec_root.resolve()} with the images of {other.resolve()}" in caplog.text
+
+
 def test_a_resumed_run_gets_only_what_is_left_of_its_time_budget(mvtec_root, tmp_path, monkeypatch):
     """--max-minutes counts the whole wall time, validation and saves too: a resume with the same budget
     after the time ran out trains no further step (the budget was counted on two clocks before)."""

@@ -195,6 +195,7 @@ def is_mvtec_category(root: str | os.PathLike) -> bool:
 class TrainingImages(NamedTuple):
     train: list[Path]
     validation: list[Path]
+    root: Path | None = None  # the folder they were found in, resolved
 
 
 def find_training_images(root: str | os.PathLike, val_fraction: float, seed: int) -> TrainingImages:
@@ -221,7 +222,7 @@ def find_training_images(root: str | os.PathLike, val_fraction: float, seed: int
         raise SsimaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {where}; add defect-free images there")
     if validation is None:
         train, validation = split_holdout(train, val_fraction, seed)
-    return TrainingImages(train, validation)
+    return TrainingImages(train, validation, root.resolve())
 
 
 def split_holdout(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:

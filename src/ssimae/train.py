@@ -236,6 +236,10 @@ def fit(
     split_seed = config.seed if previous is None else \
         (previous.segments[0]["config"]["seed"] if previous.segments else previous.config.seed)
     split = find_training_images(data_root, config.val_fraction, split_seed)  # a bad folder fails before any file
+    started_on = previous.segments[0].get("data") if previous is not None and previous.segments else None
+    if started_on and split.root and Path(started_on) != split.root:
+        log.warning("resuming a run that started on %s with the images of %s: it goes on training on other images",
+                    started_on, split.root)
     rank = launched()
     with run_folder(run_dir, fresh=previous is None, active=rank.main):
         return _fit(config, split, run_dir, checkpoint_path, previous, progress and rank.main, rank)
@@ -386,7 +390,8 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
     # channels_last (NHWC): faster with oneDNN on CPU and the layout CUDA tensor cores want; the same net.
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    checkpoint = Checkpoint(config, channels, {}, segments=[{"start_step": 0, "changed": {}, "config": config.to_dict()}])
+    checkpoint = Checkpoint(config, channels, {}, segments=[{"start_step": 0, "changed": {}, "config": config.to_dict(),
+                                                             "data": str(split.root) if split.root else None}])
     if previous is not None:
         resume_from(previous, checkpoint, model, optimizer)
     if rank.rank:
