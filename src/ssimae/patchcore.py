@@ -175,12 +175,15 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, refine: bool | 
     through a k-d tree instead. Always in float32, also under a bf16 autocast (the backbone's): in bf16
     (3 significant digits) the expansion's distances were off by up to 0.85 for 344-dimension features.
 
-    refine (default: while exporting to ONNX): take each chunk's nearest row by the expansion, then measure
-    its distance directly. The expansion loses digits where a query and its nearest row lie close together
-    but far from the bank's mean (a rare feature the coreset kept): on the bundled example's maps at 8x,
-    1.9e-4 from the k-d tree's exact distances on one image of six, 3e-5 refined. It costs an ArgMin, which
-    ONNX Runtime does slowly (26% more time), so the torch paths skip it."""
-    refine = torch.onnx.is_in_onnx_export() if refine is None else refine
+    refine (default: while exporting to ONNX features that torch's CPU path searches exactly with the k-d
+    tree): take each chunk's nearest row by the expansion, then measure its distance directly. The expansion
+    loses digits where a query and its nearest row lie close together but far from the bank's mean (a rare
+    feature the coreset kept): on the bundled example's maps at 8x, 1.9e-4 from the k-d tree's exact
+    distances on one image of six, 7.6e-6 refined. It costs an ArgMin, which ONNX Runtime does slowly (26%
+    more time); for features of more dimensions, which torch searches with the plain expansion too, it
+    gained nothing on magnetic_tile (bench/README.md)."""
+    if refine is None:
+        refine = torch.onnx.is_in_onnx_export() and queries.shape[1] <= KDTREE_MAX_DIM
     with torch.autocast(queries.device.type, enabled=False):
         return _nearest_distances(queries.float(), bank.float(), refine)
 
