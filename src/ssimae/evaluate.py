@@ -19,7 +19,7 @@ from .data import TestItem, check_test_masks, find_test_items, load_mask, read_i
 from .files import atomic_write_text, json_safe, output_folder
 from .metrics import best_accuracy, evaluate_maps
 from .detector import Detector
-from .predict import warn_colour_mismatch, write_tiff
+from .predict import warn_about_input, write_tiff
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def compute_test_maps(detector: Detector, dataset: str | os.PathLike, progress: 
     maps, masks, warned = [], [], set()
     for item in progress(items) if progress else items:
         image = read_image(item.path, detector.config.max_image_pixels)
-        warn_colour_mismatch(image, detector, item.path, warned)
+        warn_about_input(image, detector, item.path, warned)
         amap = detector.anomaly_map(image)
         shape = image.shape[:2]
         masks.append(load_mask(item.mask_path, shape) if item.mask_path else np.zeros(shape, dtype=bool))

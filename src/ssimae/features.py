@@ -58,9 +58,8 @@ DEFAULT_EFFICIENTNET_CUT = 3  # 24 channels, stride 4
 
 _RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _VGG_NAMES = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
-_RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-# A torchvision trunk is an nn.Sequential of these children: its child i is _RESNET_TRUNK[i].
-RESNET_TRUNK = _RESNET_TRUNK
+# A torchvision ResNet trunk is an nn.Sequential of these children: its child i is RESNET_TRUNK[i].
+RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 DEFAULT_RESNET_CUT = 5  # conv1..layer1: stride 4 (64 ch for resnet18/34, 256 for 50+)
 
 ACCEPTED_NAMES = (EFFICIENTNET_NAME, *_RESNET_NAMES, *_VGG_NAMES)
@@ -209,7 +208,7 @@ def _import_torchvision_models():
 def _torchvision_trunk_parts(name: str, model: nn.Module) -> tuple[list[tuple[str, nn.Module]], int]:
     """(prefix, module) pairs of the feature trunk in order, and the default cut."""
     if name.startswith("resnet"):
-        return [(n, getattr(model, n)) for n in _RESNET_TRUNK], DEFAULT_RESNET_CUT
+        return [(n, getattr(model, n)) for n in RESNET_TRUNK], DEFAULT_RESNET_CUT
     parts = [(f"features.{i}", m) for i, m in enumerate(model.features)]
     # Default: up to (not including) the third max-pool, i.e. through relu3_x: stride 4.
     pools = [i for i, (_, m) in enumerate(parts) if isinstance(m, nn.MaxPool2d)]
@@ -217,36 +216,33 @@ def _torchvision_trunk_parts(name: str, model: nn.Module) -> tuple[list[tuple[st
 
 
 def _build_torchvision(name: str, cut: int | None, weights_path: str | pathlib.Path | None, pretrained: bool = True):
-    if not pretrained:  # the architecture only: its weights come from a checkpoint
-        model = getattr(_import_torchvision_models(), name)(weights=None)
-        parts, default_cut = _torchvision_trunk_parts(name, model)
-        cut = default_cut if cut is None else cut
-        _check_cut(name, cut, 1, len(parts))
-        return nn.Sequential(*(m for _, m in parts[:cut])), cut
-    if weights_path is None:
+    """The trunk and its cut; pretrained=False: the architecture only, its weights come from a checkpoint."""
+    if pretrained and weights_path is None:
         raise SsimaeError(
             f"backbone {name!r} needs weights_path: a local torchvision state-dict file "
             "(weights are never downloaded at run time)"
         )
-    state = _load_state_dict(weights_path)  # first: a bad path is reported even without torchvision
+    # first: a bad path is reported even without torchvision
+    state = _load_state_dict(weights_path) if pretrained else None
     models = _import_torchvision_models()
     model = getattr(models, name)(weights=None)
     parts, default_cut = _torchvision_trunk_parts(name, model)
     cut = default_cut if cut is None else cut
     _check_cut(name, cut, 1, len(parts))
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # size mismatch
-        raise SsimaeError(
-            f"weights file {weights_path} does not match {name} ({_short(exc)})"
-        ) from exc
-    kept = tuple(prefix + "." for prefix, _ in parts[:cut])
-    missing = [k for k in result.missing_keys if k.startswith(kept)]
-    if missing or result.unexpected_keys:
-        raise SsimaeError(
-            f"weights file {weights_path} does not match {name}: "
-            f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
-        )
+    if state is not None:
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # size mismatch
+            raise SsimaeError(
+                f"weights file {weights_path} does not match {name} ({_short(exc)})"
+            ) from exc
+        kept = tuple(prefix + "." for prefix, _ in parts[:cut])
+        missing = [k for k in result.missing_keys if k.startswith(kept)]
+        if missing or result.unexpected_keys:
+            raise SsimaeError(
+                f"weights file {weights_path} does not match {name}: "
+                f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+            )
     return nn.Sequential(*(m for _, m in parts[:cut])), cut
 
 

@@ -49,8 +49,8 @@ def input_images(source: str | os.PathLike, skip: Path | None = None) -> tuple[l
         return [source], source.parent
     if source.is_dir():
         found = list_images(source)
-        outputs = [folder / name for folder in (source, *source.rglob("*")) if (folder / "scores.csv").is_file()
-                   for name in OUTPUT_FOLDERS if (folder / name).is_dir()]
+        outputs = [found_csv.parent / name for found_csv in source.rglob("scores.csv")
+                   for name in OUTPUT_FOLDERS if (found_csv.parent / name).is_dir()]
         if skip is not None:
             outputs.append(skip)
         outputs = [folder.resolve() for folder in outputs]
@@ -89,7 +89,7 @@ def output_names(paths: list[Path], base: Path) -> dict[Path, Path]:
     return names
 
 
-def warn_colour_mismatch(image: np.ndarray, detector: Detector, path: Path, warned: set) -> None:
+def warn_about_input(image: np.ndarray, detector: Detector, path: Path, warned: set) -> None:
     """Warn once per run about what the model changes in its input: the colour, or (a reconstruction
     method) an image smaller than the patch, which is reflect-padded."""
     native = "rgb" if image.shape[2] == 3 else "gray"
@@ -300,7 +300,7 @@ def _run(paths: list[Path], base: Path, detector: Detector, outputs, scores: Sco
                     log.warning("skipped: %s", reason)
                     errors.append((str(path.relative_to(base)), reason))
                 else:
-                    warn_colour_mismatch(image, detector, path, warned)
+                    warn_about_input(image, detector, path, warned)
                     job = outputs(path, image)
                     del image
                     while len(writing) >= (WRITERS if small else 1):  # bounded memory
