@@ -64,6 +64,14 @@ def test_missing_and_empty_config_files(tmp_path):
     assert load_config(_yaml(tmp_path, "")) == Config()
 
 
+@pytest.mark.parametrize("text, line", [("latent-dim: 16\nstride: 8\nlatent-dim: 32\n", 3),
+                                        ("latent_dim: 16\nlatent-dim: 32\n", 2)])
+def test_a_setting_given_twice_is_an_error_naming_file_line_and_setting(tmp_path, text, line):
+    path = _yaml(tmp_path, text, "twice.yaml")
+    with pytest.raises(SsimaeError, match=f"config file {path}, line {line}: setting 'latent.dim' is given twice"):
+        load_config(path)
+
+
 def test_yaml_on_top_of_a_base_config(tmp_path):
     base = Config(latent_dim=7, stride=16)
     config = load_config(_yaml(tmp_path, "stride: 20\n"), base)
@@ -149,7 +157,7 @@ def test_config_from_dict_unknown_key_names_the_source():
         (256, 256),
         ("320x240", (320, 240)),
         ("320X240", (320, 240)),
-        ("1x1", (1, 1)),
+        ("32x48", (32, 48)),
         (None, None),
         ("", None),
         ("none", None),
@@ -165,6 +173,12 @@ def test_parse_image_size_errors(text):
     with pytest.raises(SsimaeError, match="image size") as info:
         parse_image_size(text)
     assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["1", "31", "1x1", "16x64", "64x31"])
+def test_image_sizes_under_32_pixels_a_side_are_refused(text):
+    with pytest.raises(SsimaeError, match=f"image size '{text}' is too small: use at least 32 pixels"):
+        parse_image_size(text)
 
 
 @pytest.mark.parametrize("name", ["meta", "mps", "xpu", "gpu"])

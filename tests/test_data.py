@@ -184,7 +184,7 @@ def test_to_color_gray_and_rgb():
         ("50", (100, 200), (50, 100)),
         ("50", (200, 100), (100, 50)),
         ("64", (100, 150), (64, 96)),
-        ("30x20", (100, 200), (20, 30)),  # WxH
+        ("60x40", (100, 200), (40, 60)),  # WxH
         (None, (33, 44), (33, 44)),
     ],
 )
@@ -201,8 +201,8 @@ def test_resize(spec, shape, expected):
 
 def test_load_image_converts_and_resizes(tmp_path):
     path = _save(tmp_path / "c.png", Image.fromarray(RGB8))
-    array = load_image(path, "gray", parse_image_size("34x24"))
-    assert array.shape == (24, 34, 1)
+    array = load_image(path, "gray", parse_image_size("40x36"))
+    assert array.shape == (36, 40, 1)
     assert load_image(path, "rgb").shape == (12, 17, 3)
 
 

@@ -223,23 +223,26 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# The smallest working side image_size may ask for: the deepest PatchCore features have a stride of 32, and
+# a smaller image says nothing any method here can read.
+MIN_IMAGE_SIDE = 32
+
+
 def parse_image_size(text: str | int | None) -> int | tuple[int, int] | None:
     """None (keep) | shorter-side int | (width, height) from 'keep', '256' or '320x240'."""
     if text is None or text == "" or str(text).lower() in ("none", "keep"):
         return None
     value = str(text).lower()
     try:
-        if "x" in value:
-            width, height = (int(v) for v in value.split("x"))
-            if width < 1 or height < 1:
-                raise ValueError
-            return width, height
-        side = int(value)
-        if side < 1:
+        sides = tuple(int(v) for v in value.split("x")) if "x" in value else (int(value),)
+        if len(sides) > 2 or min(sides) < 1:
             raise ValueError
-        return side
     except ValueError:
         raise SsimaeError(f"image size {text!r} is not a positive integer or WxH (e.g. 256 or 320x240)") from None
+    if min(sides) < MIN_IMAGE_SIDE:
+        raise SsimaeError(f"image size {text!r} is too small: use at least {MIN_IMAGE_SIDE} pixels a side, "
+                          "or 'keep' for the images' own size")
+    return sides if len(sides) == 2 else sides[0]
 
 
 # Settings added since the first release, with the value that reproduces how a checkpoint or export
@@ -313,13 +316,30 @@ def preset_config(name: str | None) -> Config:
     return config_from_dict(PRESETS[name], source=f"preset {name}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    silently, so a setting edited in one place could be overridden by a forgotten copy further down)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            name = str(key).replace("-", "_")
+            if name in seen:
+                raise SsimaeError(f"line {key_node.start_mark.line + 1}: setting {key!r} is given twice; keep one")
+            seen.add(name)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | os.PathLike, base: Config | None = None) -> Config:
     """Config from a YAML file of flat key: value pairs (dashes or underscores in keys)."""
     path = Path(path)
     if path.is_dir():
         raise SsimaeError(f"config file {path} is a folder; pass a YAML file of settings")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except SsimaeError as error:
+        raise SsimaeError(f"config file {path}, {error}") from None
     except FileNotFoundError:
         raise SsimaeError(f"config file {path} does not exist") from None
     except UnicodeDecodeError:
