@@ -38,6 +38,15 @@ def test_greedy_coreset_without_projection_is_the_k_centre_greedy_selection(seed
     assert len(set(chosen.tolist())) == 25
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_coreset_of_points_far_from_the_origin_is_still_the_k_centre_selection(seed):
+    # Features of one sign (ReLU6 outputs) sit far from the origin, where |z|^2 - 2 z.c + |c|^2 in float32 loses
+    # the digits that tell the farthest point from the next: the coreset works on points moved onto their mean.
+    points = torch.randn(300, 12, generator=torch.Generator().manual_seed(seed)) + 500.0
+    chosen = greedy_coreset(points, 40, projection=0, seed=seed)
+    assert chosen.tolist() == _brute_force_k_centre(points, 40, int(chosen[0]))
+
+
 def test_projected_coreset_covers_almost_as_well_as_the_exact_one():
     generator = torch.Generator().manual_seed(7)
     centres = 10 * torch.randn(40, 256, generator=generator)  # 40 clusters of 50 points, far apart

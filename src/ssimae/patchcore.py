@@ -245,6 +245,9 @@ def greedy_coreset(features: torch.Tensor, size: int, projection: int = 128, see
         z = torch.cat([x[i : i + 65536] @ matrix for i in range(0, n, 65536)])  # (N, projection)
     else:
         z = x
+    # Distances by |z|^2 - 2 z.c + |c|^2 after moving the points onto their mean, as nearest_distances does:
+    # the expansion's float32 cancellation grows with |z|^2, and features of one sign sit far from the origin.
+    z = z - z.mean(0)
     z_norm = (z * z).sum(1)  # (N,)
     chosen = torch.empty(size, dtype=torch.long)
     nearest = torch.full((n,), float("inf"), device=z.device)  # squared distance to the chosen set
