@@ -92,3 +92,13 @@ def test_a_bad_collective_timeout_is_a_user_error(monkeypatch, text):
         timeout()
     monkeypatch.setenv("SSIMAE_DIST_TIMEOUT", "90")
     assert timeout().total_seconds() == 90
+
+
+def test_every_rank_and_every_resume_gets_its_own_torch_seed():
+    from ssimae.train import rank_seed
+
+    seeds = {(rank, step): rank_seed(5, rank, step) for rank in (1, 2, 3) for step in (0, 100, 250)}
+    assert len(set(seeds.values())) == len(seeds)  # no two processes, nor a resumed run, share the noise
+    assert seeds[(1, 0)] == rank_seed(5, 1, 0) and rank_seed(6, 1, 0) != seeds[(1, 0)]  # reproducible, by seed
+    assert all(0 <= seed < 2**63 for seed in seeds.values())
+    torch.manual_seed(max(seeds.values()))  # in torch's range

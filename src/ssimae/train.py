@@ -394,8 +394,8 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
                                                              "data": str(split.root) if split.root else None}])
     if previous is not None:
         resume_from(previous, checkpoint, model, optimizer)
-    if rank.rank:
-        torch.manual_seed(config.seed + 7919 * rank.rank)  # the VAE's sampling noise differs per process
+    if rank.rank:  # the VAE's sampling noise differs per process, and a resume does not replay the first segment's
+        torch.manual_seed(rank_seed(config.seed, rank.rank, checkpoint.training.step))
     trained = model
     if rank.distributed:  # averages the gradients across processes; starts from the main process's weights
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -461,6 +461,12 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
     keep_training_state(checkpoint, model, optimizer)
     barrier()  # the other processes wait for the main one's last checkpoint
     return checkpoint
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of process `rank` > 0 (only the main process's generator state is saved), new at each
+    resume: step is where the run (re)starts."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def keep_training_state(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
