@@ -309,6 +309,8 @@ def test_the_working_size_blocks_and_pool_change_for_small_images_only(tmp_path)
     assert default_blocks(large) == default_blocks([tmp_path / "broken.png"]) == "4,10,14"
     assert image_defaults(small).pool == 50000
     assert image_defaults(large).pool == image_defaults([tmp_path / "broken.png"]).pool == 250000
+    tiny = [write_png(tmp_path / "tiny" / f"{i}.png", texture_png(5, 3, rng)) for i in range(3)]
+    assert default_image_size(tiny) == "33x55"  # 8x would be under the 32-px minimum: 11x (3 wide, 5 high)
 
 
 def test_a_config_without_blocks_builds_the_default_blocks():

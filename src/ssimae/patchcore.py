@@ -33,7 +33,7 @@ from scipy.spatial import cKDTree
 from torch import nn
 from tqdm import tqdm
 
-from .config import METHOD_IMAGE_SIZE
+from .config import METHOD_IMAGE_SIZE, MIN_IMAGE_SIDE
 from .errors import SettingError, SsimaeError
 from .features import EFFICIENTNET_NAME, RESNET_TRUNK, FeatureExtractor, build_feature_extractor
 
@@ -378,7 +378,8 @@ def image_defaults(paths: list) -> ImageDefaults:
     size = median_size(paths)
     if size is None or min(size) > SMALL_SIDE:
         return ImageDefaults(DEFAULT_SIZE, DEFAULT_BLOCKS, DEFAULT_POOL)
-    return ImageDefaults(f"{UPSAMPLE * size[0]}x{UPSAMPLE * size[1]}", SMALL_IMAGE_BLOCKS, SMALL_IMAGE_POOL)
+    scale = max(UPSAMPLE, math.ceil(MIN_IMAGE_SIDE / min(size)))  # tiny images: to the smallest working size
+    return ImageDefaults(f"{scale * size[0]}x{scale * size[1]}", SMALL_IMAGE_BLOCKS, SMALL_IMAGE_POOL)
 
 
 def default_image_size(paths: list) -> str:
