@@ -179,6 +179,8 @@ class Config:
                                f"patchcore_neighbourhood {self.patchcore_neighbourhood} must be odd, e.g. 3")
         if self.seed < 0:
             raise SettingError("seed", f"seed must be >= 0, got {self.seed}")
+        if self.seed >= 2**63:
+            raise SettingError("seed", f"seed must be below 2**63, got {self.seed}")
         if not 0 <= self.val_fraction < 1:
             raise SettingError("val_fraction", f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.image_score_margin is not None and not 0 <= self.image_score_margin < 0.5:
@@ -215,8 +217,6 @@ class Config:
             if width * height > self.max_image_pixels:
                 raise SettingError("image_size", f"image_size {self.image_size} makes images of at least {width * height:,} "
                                    f"pixels, more than max_image_pixels {self.max_image_pixels:,}; use a smaller size")
-        if self.seed >= 2**63:
-            raise SettingError("seed", f"seed must be below 2**63, got {self.seed}")
         return self
 
     def to_dict(self) -> dict:

@@ -155,10 +155,15 @@ def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     return resize_array(anomaly_map, height, width, antialias=False)
 
 
+def read_mask(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A ground-truth mask file as bool (H, W); nonzero in any channel = defect (a colour mask's defect may
+    have no red)."""
+    return (read_image(path, max_pixels) > 0).any(axis=2)
+
+
 def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
-    """A ground-truth mask as bool (H, W); nonzero in any channel = defect (a colour mask's defect may have
-    no red); must match the image's (H, W)."""
-    mask = (read_image(path, max(DEFAULT_MAX_PIXELS, shape[0] * shape[1])) > 0).any(axis=2)
+    """A ground-truth mask (read_mask) that must match its image's (H, W)."""
+    mask = read_mask(path, max(DEFAULT_MAX_PIXELS, shape[0] * shape[1]))
     if mask.shape != tuple(shape):
         raise SsimaeError(
             f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]} (WxH); "
@@ -276,7 +281,7 @@ def check_test_masks(items: list[TestItem], max_pixels: int = DEFAULT_MAX_PIXELS
         return
     empty, coverage = [], []
     for item in defective:
-        mask = (read_image(item.mask_path, max_pixels) > 0).any(axis=2)  # its size is checked with its image's
+        mask = read_mask(item.mask_path, max_pixels)  # its size is checked with its image's
         coverage.append(float(mask.mean()))
         if not mask.any():
             empty.append(item.mask_path)

@@ -34,6 +34,8 @@ from .png import encode_png
 from .files import atomic_path, atomic_write_text, output_folder, remove_stale_temps
 
 log = logging.getLogger(__name__)
+# predict's per-image output folders (maps/NAME.tiff, masks/NAME.png, overlays/NAME.png)
+OUTPUT_FOLDERS = ("maps", "masks", "overlays")
 
 
 def input_images(source: str | os.PathLike, skip: Path | None = None) -> tuple[list[Path], Path]:
@@ -136,9 +138,6 @@ def caption(row: dict) -> str:
     verdict = "DEFECTIVE" if row["defective"] == "yes" else "good"
     return (f"{verdict}   score {row['score']:.2f} (1.00 = threshold)   {row['regions']} region(s), "
             f"{row['defect_area_percent']:.2f}% of the image")
-
-
-OUTPUT_FOLDERS = ("maps", "masks", "overlays")
 
 
 def write_outputs(output_dir: Path, name: Path, image: np.ndarray, result: Prediction, row: dict) -> None:

@@ -233,10 +233,10 @@ def fit(
         raise SsimaeError(f"{checkpoint_path} exists; pass --resume to continue it or choose another --output")
     # The held-out split is the run's from its start: a seed changed on resume reseeds the sampling, not the split
     # (the images trained on would become validation images).
-    split_seed = config.seed if previous is None else \
-        (previous.segments[0]["config"]["seed"] if previous.segments else previous.config.seed)
+    first = previous.segments[0] if previous is not None and previous.segments else {}
+    split_seed = first["config"]["seed"] if first else (config.seed if previous is None else previous.config.seed)
     split = find_training_images(data_root, config.val_fraction, split_seed)  # a bad folder fails before any file
-    started_on = previous.segments[0].get("data") if previous is not None and previous.segments else None
+    started_on = first.get("data")
     if started_on and split.root and Path(started_on) != split.root:
         log.warning("resuming a run that started on %s with the images of %s: it goes on training on other images",
                     started_on, split.root)
