@@ -18,6 +18,9 @@ Sections
     load     peak RSS and time of `ssimae predict` on 2,000 small images in one process
     memory   peak RSS of `ssimae predict` on one 8192x8192 gray image at full size (stride 128: memory does
              not depend on the stride, time does), and on a 1024x1024 image, each in a fresh subprocess
+    thresholds  peak memory and time of the pixel threshold rules (pixel-fpr, min-area) on 20 validation
+             maps of 2048x2048, map by map (the package) against all pixels at once (the way before), each
+             in a fresh subprocess; the thresholds must be equal
 
 Timing: alternatives run interleaved, round after round, in this one process; each figure is the best
 round (the machine is shared, and the best round is the one least disturbed by other processes). The
@@ -54,7 +57,7 @@ from ssimae.losses import SsimSettings, l2_loss, make_loss  # noqa: E402
 from ssimae.models import ConvAutoencoder, build_model  # noqa: E402
 from ssimae.train import patch_batches, train_one_epoch  # noqa: E402
 
-SECTIONS = ("machine", "ssim", "train", "infer", "predict", "folder", "outputs", "memory", "load")
+SECTIONS = ("machine", "ssim", "train", "infer", "predict", "folder", "outputs", "memory", "load", "thresholds")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -606,6 +609,61 @@ def section_load(ctx: dict, workdir: Path, count: int) -> dict:
     return {"peak_mb": float(peak), "seconds": float(seconds)}
 
 
+THRESHOLD_SCRIPT = r"""
+import sys, time
+import numpy as np
+from scipy import ndimage
+from ssimae import threshold
+
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+def all_at_once_min_area(maps, area):  # the package's rule before: one search over every map's values
+    allowed = max(area - 1, 0)
+    candidates = np.unique(np.concatenate([m.ravel() for m in maps]))
+    low, high = 0, len(candidates) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if max(threshold.largest_component(m > candidates[middle]) for m in maps) <= allowed:
+            high = middle
+        else:
+            low = middle + 1
+    return float(candidates[high])
+
+count, side, rule, way = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+rng = np.random.default_rng(0)
+maps = [ndimage.gaussian_filter(rng.random((side, side), dtype=np.float32), 3) for _ in range(count)]
+before = peak_mb()
+started = time.perf_counter()
+if rule == "pixel-fpr":
+    value = (threshold.fpr_threshold(maps, 0.001) if way == "map by map"
+             else threshold.rate_threshold(np.concatenate([m.ravel() for m in maps]), 0.001))
+else:
+    value = threshold.min_area_threshold(maps, 25) if way == "map by map" else all_at_once_min_area(maps, 25)
+print(repr(value), peak_mb() - before, time.perf_counter() - started)
+"""
+
+
+def section_thresholds(ctx: dict, count: int = 20, side: int = 2048) -> dict:
+    """The pixel threshold rules on large validation maps: memory beyond the maps themselves, and time."""
+    print(f"\n== thresholds: {count} validation maps of {side}x{side} ({count * side * side * 4 / 2**20:.0f} MB), "
+          f"memory added at the peak ({load()})")
+    results = {}
+    for rule in ("pixel-fpr", "min-area"):
+        for way in ("map by map", "all at once"):
+            out = subprocess.run([sys.executable, "-c", THRESHOLD_SCRIPT, str(count), str(side), rule, way],
+                                 capture_output=True, text=True, check=True)
+            value, added, seconds = out.stdout.split()[-3:]
+            results[(rule, way)] = (value, float(added), float(seconds))
+            row(f"{rule}, {way}" + (" (the package)" if way == "map by map" else " (before)"),
+                f"{float(added):.0f} MB", f"{float(seconds):.1f} s", f"threshold {float(value):.6f}")
+        same = results[(rule, "map by map")][0] == results[(rule, "all at once")][0]
+        print(f"  {rule}: the same threshold both ways: {'yes' if same else 'NO'}")
+    print(f"  ({load()})")
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -656,6 +714,8 @@ def main(argv=None) -> int:
             section_memory(ctx, work, tuple(args.memory_backends.split(",")))
         if "load" in sections:
             section_load(ctx, work, args.load_images)
+        if "thresholds" in sections:
+            section_thresholds(ctx)
     start_rate = ctx["start_gflops"]
     print(f"\nmatmul rate: {start_rate:.1f} GFLOP/s at the start, {matmul_gflops():.1f} at the end, best seen "
           f"{ctx['gflops']:.1f} (the fractions above use the best seen up to their section); "

@@ -159,3 +159,32 @@ def test_choose_threshold_dispatches_on_the_configured_rule():
     assert t == pytest.approx(0.8) and "FPR" in rule
     with pytest.raises(SsimaeError, match="rule 'median'"):
         choose_threshold(maps, "median", 0.01, 20)
+
+
+def _min_area_by_definition(maps, area):
+    """The smallest value of all maps at which no map has a component of `area` pixels or more."""
+    for t in np.unique(np.concatenate([m.ravel() for m in maps])):
+        if all(largest_component(m > t) < max(area, 1) for m in maps):
+            return float(t)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_rules_taken_map_by_map_equal_their_definitions_over_all_pixels(seed):
+    # Maps of different sizes, coarse values (many ties), and a map smaller than the area, whose values
+    # lie above the answer: it allows any threshold, so it must not raise the answer to its minimum.
+    rng = np.random.default_rng(seed)
+    maps = [np.round(rng.random(shape) * 8).astype(np.float32) / 8
+            for shape in [(12, 17), (9, 9), (20, 6), (15, 15)]]
+    maps.append(np.full((2, 2), 0.97 + seed, dtype=np.float32))
+    pixels = np.concatenate([m.ravel() for m in maps])
+    for fpr in (0.001, 0.01, 0.1, 0.3, 0.5):
+        assert fpr_threshold(maps, fpr) == _smallest_valid_fpr_threshold(pixels, fpr)
+    for area in (0, 1, 5, 6, 20, 60):
+        assert min_area_threshold(maps, area) == _min_area_by_definition(maps, area)
+
+
+def test_no_map_constrains_the_min_area_threshold_when_all_are_smaller_than_the_area():
+    maps = [np.array([[0.5, 0.7]], dtype=np.float32), np.array([[0.2]], dtype=np.float32)]
+    assert min_area_threshold(maps, 3) == pytest.approx(0.2)  # every region is dropped at any threshold
+    assert min_area_threshold(maps, 2) == pytest.approx(0.5)
+    assert fpr_threshold(maps, 0.5) == pytest.approx(0.5)  # one pixel of three above it; two above 0.2
