@@ -56,7 +56,7 @@ def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
     map's own values, so a binary search over them finds the smallest of its values that it allows, and
     every threshold from there up. The answer is the largest of these, with one map's values sorted at a
     time (searching all maps' values together held two more copies of every validation pixel: 20 maps of
-    2048x2048, 320 MB, took 800 MB more at the peak, now 48 MB, in the same time). A map with no
+    2048x2048, 320 MB, took 800 MB more at the peak, now 44-48 MB, in the same time). A map with no
     component too large even with every pixel marked allows any threshold; if no map constrains it, the
     answer is the smallest value of all.
     """
@@ -71,7 +71,7 @@ def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
 
 def _smallest_allowed(amap: np.ndarray, largest_allowed: int) -> float | None:
     """The smallest value t of the map with no component of (map > t) over largest_allowed pixels, or
-    None when not even the whole map is one (any threshold will do)."""
+    None when even the whole map, every pixel marked, is no larger (any threshold will do)."""
     if amap.size <= largest_allowed:  # every pixel marked is one component of amap.size pixels
         return None
     candidates = np.unique(amap)  # ascending; the maximum always satisfies the rule
