@@ -2,7 +2,7 @@
 
 Prints, with the card's name:
   step      one ssim-ae / l2-ae optimiser step on data already on the card, patches/s, for fp32, TF32,
-            bf16 autocast, channels_last or not, batch 128/256/512, and torch.compile
+            bf16 autocast, channels_last or not, batch 128/256/512, Adam's fused kernel, and torch.compile
             (reduce-overhead = CUDA graphs, max-autotune), compile time counted separately
   sample    the device-side patch sampler alone (rotate=any), patches/s
   train     train_one_epoch end to end with the sampler, at the settings --precision auto picks
@@ -73,27 +73,38 @@ def textures(count: int, side: int, seed: int = 0) -> list[np.ndarray]:
             .clip(0, 1).astype(np.float32)[:, :, None] for _ in range(count)]
 
 
+def step_rate(device: torch.device, batch: int, method: str, layout: str, precision: str, seconds: float,
+              fused: bool = False) -> float:
+    """Patches/s of one optimiser step (train_one_epoch on one batch already on the device)."""
+    torch.manual_seed(0)
+    model = ConvAutoencoder(1, 100).to(device)
+    if layout == "nhwc":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), 2e-4, fused=fused or None)
+    x = torch.rand(batch, 1, 128, 128, device=device)
+    loss_fn = make_loss(Config()) if method == "ssim-ae" else l2_loss
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    return rate(lambda: train_one_epoch(model, loss_fn, optimizer, iter([x]), device, None, precision == "bf16"),
+                batch, device, seconds)
+
+
 def section_step(device: torch.device, batches: tuple[int, ...], seconds: float, compile_modes: tuple[str, ...],
                  compile_batch: int = 128):
+    """Every batch, loss, layout and precision; then Adam's fused kernel (one launch for all parameters
+    instead of a few per group: the step is launch-bound) at the first batch; then torch.compile."""
     print("\n== step: one optimiser step on data already on the device, patches/s", flush=True)
     ssim = make_loss(Config())
+    precisions = ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "bf16")
     results = {}
     for batch, method, layout, precision in itertools.product(batches, ("ssim-ae", "l2-ae"), ("nhwc", "nchw"),
-                                                              ("fp32", "tf32", "bf16")):
-        if device.type != "cuda" and precision == "tf32":
-            continue
-        torch.manual_seed(0)
-        model = ConvAutoencoder(1, 100).to(device)
-        if layout == "nhwc":
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), 2e-4)
-        x = torch.rand(batch, 1, 128, 128, device=device)
-        loss_fn = ssim if method == "ssim-ae" else l2_loss
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-        results[(batch, method, layout, precision)] = value = rate(
-            lambda: train_one_epoch(model, loss_fn, optimizer, iter([x]), device, None, precision == "bf16"),
-            batch, device, seconds)
+                                                              precisions):
+        results[(batch, method, layout, precision)] = value = step_rate(device, batch, method, layout, precision,
+                                                                        seconds)
         row(f"{method} batch {batch} {layout} {precision}", f"{value:,.0f}")
+    for precision in precisions if batches else ():
+        results[(batches[0], "ssim-ae", "nhwc", precision, "fused")] = value = step_rate(
+            device, batches[0], "ssim-ae", "nhwc", precision, seconds, fused=True)
+        row(f"ssim-ae batch {batches[0]} nhwc {precision}, fused Adam", f"{value:,.0f}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for mode in compile_modes:
         torch.manual_seed(0)
