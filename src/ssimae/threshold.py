@@ -120,7 +120,7 @@ def fpr_threshold(maps: list[np.ndarray], fpr: float) -> float:
         largest = values if largest is None else np.concatenate([largest, values])
         if largest.size > keep:
             largest = np.partition(largest, largest.size - keep)[largest.size - keep :]
-    return float(largest.min())
+    return float(np.partition(largest, 0)[0])  # the smallest as sorting orders it (NaN last), not min()'s NaN
 
 
 def choose_threshold(maps: list[np.ndarray], rule: str, fpr: float, min_defect_area: int) -> tuple[float, str]:
