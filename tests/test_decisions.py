@@ -8,7 +8,7 @@ from conftest import texture
 
 from ssimae.checkpoint import Thresholds
 from ssimae.config import Config
-from ssimae.detector import Detector, choose_thresholds
+from ssimae.detector import Detector, choose_thresholds, summarise_maps
 from ssimae.overlay import PANEL_MAX_SIDE, PANEL_MIN_SIDE, panel_size, verdict_overlay
 from ssimae.scoring import image_score
 from ssimae.threshold import drop_small_regions, fpr_threshold, image_threshold, images_needed, rate_threshold
@@ -63,7 +63,7 @@ def test_thresholds_and_verdicts_use_the_margin():
     for amap in maps:
         amap[0, :] = 50.0  # a hot first row on every defect-free image
     config = Config(method="patchcore")
-    thresholds = choose_thresholds(maps, config)
+    thresholds = choose_thresholds(summarise_maps(maps, config), config)
     assert thresholds.image < 2.0  # chosen on the interior, which the hot row does not reach
     detector = Detector(config, lambda image: maps[0], thresholds, channels=1)
     assert detector.image_score(maps[0]) == pytest.approx(1.0)
@@ -91,7 +91,7 @@ def test_choose_thresholds_records_what_they_achieve_on_validation():
     rng = np.random.default_rng(2)
     maps = [rng.random((50, 60)).astype(np.float32) for _ in range(40)]
     config = Config(threshold_fpr=0.02, image_fpr=0.1, image_score="max", min_defect_area=1)
-    thresholds = choose_thresholds(maps, config)
+    thresholds = choose_thresholds(summarise_maps(maps, config), config)
     assert thresholds.validation["images"] == 40
     assert thresholds.validation["pixel_fpr"] <= 0.02 and thresholds.validation["pixel_fpr"] > 0.015
     assert thresholds.validation["image_fpr"] == pytest.approx(4 / 40)  # 10% of 40 images above
@@ -103,7 +103,7 @@ def test_choose_thresholds_records_what_they_achieve_on_validation():
 def test_too_few_validation_images_warn_with_the_number_needed(caplog):
     maps = [np.random.default_rng(i).random((20, 20)) for i in range(5)]
     with caplog.at_level("WARNING"):
-        thresholds = choose_thresholds(maps, Config(image_fpr=0.05))
+        thresholds = choose_thresholds(summarise_maps(maps, Config(image_fpr=0.05)), Config(image_fpr=0.05))
     assert "5 validation image(s) cannot resolve" in caplog.text and "at least 20" in caplog.text
     assert thresholds.image >= max(m.max() for m in maps) and "normal fit" in thresholds.image_rule
     assert images_needed(0.05) == 20 and images_needed(0.1) == 10 and images_needed(0.3) == 4
@@ -155,7 +155,7 @@ def _blur_detector(validation_images: list[np.ndarray], **settings) -> Detector:
     detector = Detector(config, map_fn, None, 1)
     with torch.no_grad():
         maps = [detector.anomaly_map(image) for image in validation_images]
-    return Detector(config, map_fn, choose_thresholds(maps, config), 1)
+    return Detector(config, map_fn, choose_thresholds(summarise_maps(maps, config), config), 1)
 
 
 def test_the_default_threshold_finds_a_planted_defect_and_leaves_clean_images_alone():

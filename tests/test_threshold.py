@@ -188,3 +188,46 @@ def test_no_map_constrains_the_min_area_threshold_when_all_are_smaller_than_the_
     assert min_area_threshold(maps, 3) == pytest.approx(0.2)  # every region is dropped at any threshold
     assert min_area_threshold(maps, 2) == pytest.approx(0.5)
     assert fpr_threshold(maps, 0.5) == pytest.approx(0.5)  # one pixel of three above it; two above 0.2
+
+
+@pytest.mark.parametrize("rule", ["pixel-fpr", "min-area"])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_summary_taken_map_by_map_chooses_and_measures_as_the_maps_themselves(rule, seed):
+    from ssimae.threshold import ValidationSummary, validation_figures
+
+    rng = np.random.default_rng(seed)
+    maps = [ndimage_smooth(rng.random(shape)).astype(np.float32)
+            for shape in [(40, 50), (30, 30), (64, 20), (2, 2), (50, 45), (33, 61)]]
+    scores = np.array([m.max() for m in maps])
+    total = sum(m.size for m in maps)
+    for fpr, area in [(0.001, 25), (0.02, 5), (0.3, 1), (0.01, 0)]:
+        whole = ValidationSummary(rule, fpr, area, total)
+        for amap, score in zip(maps, scores):
+            whole.add(amap, score)
+        parts = [ValidationSummary(rule, fpr, area, total) for _ in range(2)]  # two processes' shares
+        for i, (amap, score) in enumerate(zip(maps, scores)):
+            parts[i % 2].add(amap, score)
+        merged = ValidationSummary.merge(parts)
+        expected = fpr_threshold(maps, fpr) if rule == "pixel-fpr" else min_area_threshold(maps, area)
+        figures = validation_figures(maps, expected, area, scores, float(np.median(scores)))
+        for summary in (whole, merged):
+            assert summary.threshold() == expected
+            assert summary.figures(expected, float(np.median(scores))) == figures
+        kept = sum(values.size for _, _, values in whole.kept)
+        if rule == "pixel-fpr" and fpr <= 0.02:
+            assert kept < total / 4  # the top pixels, not the maps
+
+
+def ndimage_smooth(values):
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(values, 1.5)
+
+
+def test_a_summary_announced_too_few_pixels_refuses_to_guess():
+    from ssimae.threshold import ValidationSummary
+
+    summary = ValidationSummary("pixel-fpr", 0.1, 25, total_pixels=10)
+    summary.add(np.arange(20, dtype=np.float32).reshape(4, 5), 1.0)
+    with pytest.raises(RuntimeError, match="more than the 10 announced"):
+        summary.threshold()

@@ -70,6 +70,16 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return array
 
 
+def image_pixels(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Width x height of an image file, from its header where Pillow can read one (read_image's size)."""
+    try:
+        with Image.open(path) as image:
+            return image.width * image.height
+    except Exception:  # read_image names what is wrong with the file, or reads what the header did not tell
+        height, width = read_image(path, max_pixels).shape[:2]
+        return height * width
+
+
 def _pil_to_array(image: Image.Image, path: Path) -> np.ndarray:
     mode = image.mode
     if mode in ("P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"):

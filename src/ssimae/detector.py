@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -32,8 +32,7 @@ from .devices import resolve_device, resolve_precision, tf32
 from .errors import SettingError, SsimaeError
 from .inference import PatchFn, sliding_window, smooth_map, torch_patch_fn
 from .scoring import image_score
-from .threshold import (EIGHT_CONNECTED, choose_threshold, drop_small_regions, image_threshold, images_needed,
-                        validation_figures)
+from .threshold import EIGHT_CONNECTED, ValidationSummary, drop_small_regions, image_threshold, images_needed
 from .losses import SsimSettings
 from .methods import METHODS
 
@@ -105,9 +104,25 @@ class Detector:
         return self.decide(self.anomaly_map(image), threshold)
 
 
-def validation_maps(detector: Detector, paths: list[Path]) -> list[np.ndarray]:
-    """Anomaly maps of defect-free validation images, through the same path as predict."""
-    return [detector.anomaly_map(read_image(path, detector.config.max_image_pixels)) for path in paths]
+def summarise_maps(maps: Iterable[np.ndarray], config: Config, total_pixels: int | None = None) -> ValidationSummary:
+    """Validation maps, one at a time, into the summary the thresholds are chosen from (with each map's
+    image score). `total_pixels`: all validation maps' pixels, those of other processes' shares too;
+    None: `maps` is a list of all of them."""
+    if total_pixels is None:
+        maps = list(maps)
+        total_pixels = sum(m.size for m in maps)
+    summary = ValidationSummary(config.threshold_rule, config.threshold_fpr, config.min_defect_area, total_pixels)
+    for amap in maps:
+        summary.add(amap, configured_image_score(amap, config))
+    return summary
+
+
+def summarise_validation(detector: Detector, paths: list[Path], total_pixels: int) -> ValidationSummary:
+    """The maps of defect-free validation images, through the same path as predict, summarised as they are
+    made: no more than one is held (threshold.ValidationSummary)."""
+    limit = detector.config.max_image_pixels
+    return summarise_maps((detector.anomaly_map(read_image(path, limit)) for path in paths), detector.config,
+                          total_pixels)
 
 
 def configured_image_score(amap: np.ndarray, config: Config) -> float:
@@ -115,21 +130,21 @@ def configured_image_score(amap: np.ndarray, config: Config) -> float:
     return image_score(amap, config.image_score_kind, config.image_score_fraction, config.image_margin)
 
 
-def choose_thresholds(maps: list[np.ndarray], config: Config) -> Thresholds:
-    """Pixel and image thresholds from the maps of defect-free validation images (threshold.py rules),
-    with what they achieve on those images. Warns when there are too few images for the image rule."""
-    pixel, pixel_rule = choose_threshold(maps, config.threshold_rule, config.threshold_fpr, config.min_defect_area)
-    scores = np.array([configured_image_score(m, config) for m in maps])
+def choose_thresholds(summary: ValidationSummary, config: Config) -> Thresholds:
+    """Pixel and image thresholds from the summarised maps of defect-free validation images (threshold.py
+    rules), with what they achieve on those images. Warns when there are too few images for the image rule."""
+    pixel = summary.threshold()
+    scores = np.array(summary.scores)
     image, how = image_threshold(scores, config.image_fpr)
     needed = images_needed(config.image_fpr)
-    if len(maps) < needed:
+    if len(scores) < needed:
         log.warning("%d validation image(s) cannot resolve an image false-alarm rate of %g, so the image threshold "
                     "comes from a normal fit to their scores; use at least %d validation images for a measured one "
                     "(more train/good images, a validation/good folder, or a larger --val-fraction)",
-                    len(maps), config.image_fpr, needed)
-    validation = validation_figures(maps, pixel, config.min_defect_area, scores, image)
-    return Thresholds(pixel, pixel_rule, image, f"image false-alarm rate {config.image_fpr:g} on "
-                      f"{len(maps)} validation images ({config.image_score_kind} score, {how})", validation)
+                    len(scores), config.image_fpr, needed)
+    return Thresholds(pixel, summary.rule_text(), image, f"image false-alarm rate {config.image_fpr:g} on "
+                      f"{len(scores)} validation images ({config.image_score_kind} score, {how})",
+                      summary.figures(pixel, image))
 
 
 # --------------------------------------------------------------------------- building

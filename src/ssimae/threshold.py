@@ -123,6 +123,113 @@ def fpr_threshold(maps: list[np.ndarray], fpr: float) -> float:
     return float(np.partition(largest, 0)[0])  # the smallest as sorting orders it (NaN last), not min()'s NaN
 
 
+class ValidationSummary:
+    """What the pixel threshold rules and the validation figures need from the maps of defect-free
+    validation images, taken one map at a time, so that no map is kept (200 maps of 2048x2048 are 3.2 GB).
+
+    For each map it keeps its image score and the pixels (flat indices and values) above a lower bound
+    of the threshold the rule will choose: pixel-fpr's threshold is the (allowed + 1)-th largest pixel,
+    at least the one among the pixels seen so far (`total_pixels`, an upper bound of all the maps'
+    pixels, fixes how many that is); min-area's is the largest of the maps' own smallest allowed values
+    (min_area_threshold), at least the largest so far. Every pixel above the final threshold is then
+    kept, so its count and each map's mask at the threshold are exact. What is kept is the rule's top
+    pixels (pixel FPR 0.001: a thousandth of all) plus, per map, those above the bound when it came.
+    Summaries of disjoint maps merge (torchrun: one per process)."""
+
+    def __init__(self, rule: str, fpr: float, min_area: int, total_pixels: int):
+        if rule not in ("pixel-fpr", "min-area"):
+            raise SsimaeError(f"threshold rule {rule!r} is not pixel-fpr or min-area")
+        if rule == "pixel-fpr" and not 0 < fpr < 1:
+            raise SsimaeError(f"false-positive rate {fpr} must be in (0, 1)")
+        if min_area < 0:
+            raise SsimaeError(f"min_defect_area {min_area} must be >= 0")
+        self.rule, self.fpr, self.min_area, self.total_pixels = rule, fpr, min_area, total_pixels
+        self.keep = _allowed_above(fpr, total_pixels) + 1 if rule == "pixel-fpr" else 0
+        self.largest = np.empty(0, dtype=np.float32)  # pixel-fpr: the `keep` largest pixels so far
+        self.allowed: list[float] = []  # min-area: each constraining map's smallest allowed value
+        self.lowest = math.inf  # the smallest pixel of all
+        self.pixels = 0
+        self.kept: list[tuple[tuple[int, ...], np.ndarray, np.ndarray]] = []  # (shape, flat indices, values)
+        self.scores: list[float] = []
+
+    def bound(self) -> float:
+        """A value the final threshold cannot be below."""
+        if self.rule == "pixel-fpr":
+            return float(np.partition(self.largest, 0)[0]) if self.largest.size >= self.keep else -math.inf
+        return max(self.allowed) if self.allowed else -math.inf
+
+    def add(self, amap: np.ndarray, score: float) -> None:
+        values = np.asarray(amap).ravel()
+        self.pixels += values.size
+        self.lowest = min(self.lowest, float(values.min()))
+        if self.rule == "pixel-fpr":
+            self._add_largest(values)
+        else:
+            allowed = _smallest_allowed(np.asarray(amap), max(self.min_area - 1, 0))
+            if allowed is not None:
+                self.allowed.append(allowed)
+        above = np.flatnonzero(values > self.bound())
+        self.kept.append((tuple(amap.shape), above, values[above]))
+        self.scores.append(float(score))
+
+    def _add_largest(self, values: np.ndarray) -> None:
+        if values.size > self.keep:
+            values = np.partition(values, values.size - self.keep)[values.size - self.keep :]
+        largest = np.concatenate([self.largest, values])
+        if largest.size > self.keep:
+            largest = np.partition(largest, largest.size - self.keep)[largest.size - self.keep :]
+        self.largest = largest
+
+    @classmethod
+    def merge(cls, parts: list[ValidationSummary]) -> ValidationSummary:
+        """One summary of the maps of all `parts` (made with the same settings), in their order."""
+        first = parts[0]
+        merged = cls(first.rule, first.fpr, first.min_area, first.total_pixels)
+        for part in parts:
+            if merged.rule == "pixel-fpr":
+                merged._add_largest(part.largest)
+            merged.allowed += part.allowed
+            merged.lowest = min(merged.lowest, part.lowest)
+            merged.pixels += part.pixels
+            merged.kept += part.kept
+            merged.scores += part.scores
+        return merged
+
+    def threshold(self) -> float:
+        """The pixel threshold of the rule: fpr_threshold or min_area_threshold of all the maps."""
+        if not self.kept:
+            raise SsimaeError("no validation maps to choose a threshold on; add defect-free validation images")
+        if self.rule == "min-area":
+            return max(self.allowed) if self.allowed else self.lowest
+        if self.pixels > self.total_pixels:
+            raise RuntimeError(f"validation maps have {self.pixels} pixels, more than the {self.total_pixels} announced")
+        needed = _allowed_above(self.fpr, self.pixels) + 1  # at most keep: pixels <= total_pixels
+        return float(np.partition(self.largest, self.largest.size - needed)[self.largest.size - needed])
+
+    def figures(self, pixel_threshold: float, image_threshold: float) -> dict:
+        """validation_figures of all the maps, from the pixels kept: every pixel above the threshold is."""
+        if pixel_threshold < self.bound():
+            raise ValueError(f"threshold {pixel_threshold} is below what the summary kept ({self.bound()})")
+        above, flagged = 0, []
+        for shape, indices, values in self.kept:
+            marked = indices[values > pixel_threshold]
+            above += marked.size
+            mask = np.zeros(shape, dtype=bool)
+            mask.flat[marked] = True
+            flagged.append(drop_small_regions(mask, self.min_area).any())
+        return {
+            "images": len(self.kept),
+            "pixel_fpr": above / self.pixels,
+            "images_with_false_region": float(np.mean(flagged)),
+            "image_fpr": float(np.mean(np.asarray(self.scores) > image_threshold)),
+        }
+
+    def rule_text(self) -> str:
+        if self.rule == "pixel-fpr":
+            return f"pixel FPR {self.fpr:g} on validation images"
+        return f"min defect area {self.min_area} px on validation images"
+
+
 def choose_threshold(maps: list[np.ndarray], rule: str, fpr: float, min_defect_area: int) -> tuple[float, str]:
     """(pixel threshold, the rule in words) by the configured rule ('pixel-fpr' or 'min-area')."""
     if rule == "pixel-fpr":

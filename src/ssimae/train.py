@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from itertools import zip_longest
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -30,8 +29,9 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint, TrainingState, build_network
 from .config import Config, save_config
-from .data import find_training_images, load_image, pad_to_min_size, sample_patches
-from .detector import choose_thresholds, torch_detector, validation_maps
+from .data import find_training_images, image_pixels, load_image, pad_to_min_size, sample_patches
+from .detector import choose_thresholds, summarise_validation, torch_detector
+from .threshold import ValidationSummary
 from .devices import resolve_device, resolve_precision, tf32
 from .distributed import Rank, any_rank, barrier, broadcast, device_for, gather, launched, shard
 from .errors import SsimaeError
@@ -347,13 +347,13 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
     if not split.validation:
         log.warning("no validation images: the threshold is chosen on training images")
     log.info("choosing the threshold on %d validation image(s)", len(validation))
-    shares = gather(validation_maps(torch_detector(checkpoint, device), shard(validation, rank)))
+    total_pixels = sum(image_pixels(path, config.max_image_pixels) for path in validation)
+    shares = gather(summarise_validation(torch_detector(checkpoint, device), shard(validation, rank), total_pixels))
     if not rank.main:
         barrier()  # the main process chooses the thresholds and writes the checkpoint
         return TrainResult(checkpoint_path, None, checkpoint.training.step, checkpoint.training.seconds,
                            checkpoint.history)
-    maps = [amap for part in zip_longest(*shares) for amap in part if amap is not None]  # validation order
-    thresholds = choose_thresholds(maps, config)
+    thresholds = choose_thresholds(ValidationSummary.merge(shares), config)
     figures = thresholds.validation
     log.info("pixel threshold %.5f (%s): %.4f of validation pixels above it, %.0f%% of validation images with a "
              "region of %d+ px", thresholds.pixel, thresholds.pixel_rule, figures["pixel_fpr"],
