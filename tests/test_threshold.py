@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ssimae.errors import SsimaeError
-from ssimae.threshold import (choose_threshold, drop_small_regions, fpr_threshold, largest_component,
+from ssimae.threshold import (ValidationSummary, drop_small_regions, fpr_threshold, largest_component,
                               min_area_threshold)
 
 
@@ -151,14 +151,18 @@ def test_bad_settings_are_user_errors():
             fpr_threshold(maps, fpr)
 
 
-def test_choose_threshold_dispatches_on_the_configured_rule():
-    maps = [_three_levels()]
-    t, rule = choose_threshold(maps, "min-area", 0.01, 21)
+def test_the_summary_follows_the_configured_rule():
+    def chosen(rule, fpr, area):
+        summary = ValidationSummary(rule, fpr, area, _three_levels().size)
+        summary.add(_three_levels(), 1.0)
+        return summary.threshold(), summary.rule_text()
+
+    t, rule = chosen("min-area", 0.01, 21)
     assert t == pytest.approx(0.5) and "area 21" in rule
-    t, rule = choose_threshold(maps, "pixel-fpr", 0.01, 20)  # at most 16 of 1600 px above: 0.8 leaves 10, 0.5 leaves 30
+    t, rule = chosen("pixel-fpr", 0.01, 20)  # at most 16 of 1600 px above: 0.8 leaves 10, 0.5 leaves 30
     assert t == pytest.approx(0.8) and "FPR" in rule
     with pytest.raises(SsimaeError, match="rule 'median'"):
-        choose_threshold(maps, "median", 0.01, 20)
+        chosen("median", 0.01, 20)
 
 
 def _min_area_by_definition(maps, area):
@@ -193,7 +197,7 @@ def test_no_map_constrains_the_min_area_threshold_when_all_are_smaller_than_the_
 @pytest.mark.parametrize("rule", ["pixel-fpr", "min-area"])
 @pytest.mark.parametrize("seed", range(4))
 def test_a_summary_taken_map_by_map_chooses_and_measures_as_the_maps_themselves(rule, seed):
-    from ssimae.threshold import ValidationSummary, validation_figures
+    from ssimae.threshold import validation_figures
 
     rng = np.random.default_rng(seed)
     maps = [ndimage_smooth(rng.random(shape)).astype(np.float32)
@@ -225,8 +229,6 @@ def ndimage_smooth(values):
 
 
 def test_a_summary_announced_too_few_pixels_refuses_to_guess():
-    from ssimae.threshold import ValidationSummary
-
     summary = ValidationSummary("pixel-fpr", 0.1, 25, total_pixels=10)
     summary.add(np.arange(20, dtype=np.float32).reshape(4, 5), 1.0)
     with pytest.raises(RuntimeError, match="more than the 10 announced"):

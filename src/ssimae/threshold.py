@@ -112,15 +112,20 @@ def fpr_threshold(maps: list[np.ndarray], fpr: float) -> float:
     if not 0 < fpr < 1:
         raise SsimaeError(f"false-positive rate {fpr} must be in (0, 1)")
     keep = _allowed_above(fpr, sum(m.size for m in maps)) + 1
-    largest = None
+    largest = np.empty(0, dtype=np.float32)
     for amap in maps:
-        values = np.asarray(amap).ravel()
-        if values.size > keep:
-            values = np.partition(values, values.size - keep)[values.size - keep :]
-        largest = values if largest is None else np.concatenate([largest, values])
-        if largest.size > keep:
-            largest = np.partition(largest, largest.size - keep)[largest.size - keep :]
+        largest = _keep_largest(largest, np.asarray(amap).ravel(), keep)
     return float(np.partition(largest, 0)[0])  # the smallest as sorting orders it (NaN last), not min()'s NaN
+
+
+def _keep_largest(largest: np.ndarray, values: np.ndarray, keep: int) -> np.ndarray:
+    """The `keep` largest of `largest` and `values` together (all of them if fewer), in no order."""
+    if values.size > keep:
+        values = np.partition(values, values.size - keep)[values.size - keep :]
+    largest = np.concatenate([largest, values])
+    if largest.size > keep:
+        largest = np.partition(largest, largest.size - keep)[largest.size - keep :]
+    return largest
 
 
 class ValidationSummary:
@@ -163,7 +168,7 @@ class ValidationSummary:
         self.pixels += values.size
         self.lowest = min(self.lowest, float(values.min()))
         if self.rule == "pixel-fpr":
-            self._add_largest(values)
+            self.largest = _keep_largest(self.largest, values, self.keep)
         else:
             allowed = _smallest_allowed(np.asarray(amap), max(self.min_area - 1, 0))
             if allowed is not None:
@@ -172,14 +177,6 @@ class ValidationSummary:
         self.kept.append((tuple(amap.shape), above, values[above]))
         self.scores.append(float(score))
 
-    def _add_largest(self, values: np.ndarray) -> None:
-        if values.size > self.keep:
-            values = np.partition(values, values.size - self.keep)[values.size - self.keep :]
-        largest = np.concatenate([self.largest, values])
-        if largest.size > self.keep:
-            largest = np.partition(largest, largest.size - self.keep)[largest.size - self.keep :]
-        self.largest = largest
-
     @classmethod
     def merge(cls, parts: list[ValidationSummary]) -> ValidationSummary:
         """One summary of the maps of all `parts` (made with the same settings), in their order."""
@@ -187,7 +184,7 @@ class ValidationSummary:
         merged = cls(first.rule, first.fpr, first.min_area, first.total_pixels)
         for part in parts:
             if merged.rule == "pixel-fpr":
-                merged._add_largest(part.largest)
+                merged.largest = _keep_largest(merged.largest, part.largest, merged.keep)
             merged.allowed += part.allowed
             merged.lowest = min(merged.lowest, part.lowest)
             merged.pixels += part.pixels
@@ -228,15 +225,6 @@ class ValidationSummary:
         if self.rule == "pixel-fpr":
             return f"pixel FPR {self.fpr:g} on validation images"
         return f"min defect area {self.min_area} px on validation images"
-
-
-def choose_threshold(maps: list[np.ndarray], rule: str, fpr: float, min_defect_area: int) -> tuple[float, str]:
-    """(pixel threshold, the rule in words) by the configured rule ('pixel-fpr' or 'min-area')."""
-    if rule == "pixel-fpr":
-        return fpr_threshold(maps, fpr), f"pixel FPR {fpr:g} on validation images"
-    if rule == "min-area":
-        return min_area_threshold(maps, min_defect_area), f"min defect area {min_defect_area} px on validation images"
-    raise SsimaeError(f"threshold rule {rule!r} is not pixel-fpr or min-area")
 
 
 def image_threshold(scores: np.ndarray, rate: float) -> tuple[float, str]:
