@@ -233,3 +233,14 @@ def test_a_summary_announced_too_few_pixels_refuses_to_guess():
     summary.add(np.arange(20, dtype=np.float32).reshape(4, 5), 1.0)
     with pytest.raises(RuntimeError, match="more than the 10 announced"):
         summary.threshold()
+
+
+def test_merged_summaries_keep_the_validation_order_and_a_rate_near_one_gives_the_minimum():
+    maps = [np.full((3, 3), float(i), dtype=np.float32) for i in range(7)]
+    parts = [ValidationSummary("pixel-fpr", 0.1, 5, 63) for _ in range(3)]
+    for i, amap in enumerate(maps):  # as distributed.shard deals them out: every third map
+        parts[i % 3].add(amap, float(i))
+    assert ValidationSummary.merge(parts).scores == [float(i) for i in range(7)]
+    summary = ValidationSummary("pixel-fpr", 1 - 2**-53, 5, 4)  # allowed rounds up to every pixel
+    summary.add(np.arange(4, dtype=np.float32).reshape(2, 2), 1.0)
+    assert summary.threshold() == fpr_threshold([np.arange(4, dtype=np.float32).reshape(2, 2)], 1 - 2**-53) == 0.0

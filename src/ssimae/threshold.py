@@ -12,6 +12,7 @@ is defective when its image score is strictly greater than the image threshold. 
 
 from __future__ import annotations
 
+import itertools
 import math
 from statistics import NormalDist
 
@@ -179,7 +180,10 @@ class ValidationSummary:
 
     @classmethod
     def merge(cls, parts: list[ValidationSummary]) -> ValidationSummary:
-        """One summary of the maps of all `parts` (made with the same settings), in their order."""
+        """One summary of the maps of all `parts` (made with the same settings), in the order of the maps
+        before they were shared out: part r holds maps r, r + R, r + 2R, ... of R parts (distributed.shard),
+        as torchrun's processes take them. The order matters to the image threshold's normal fit (its
+        mean and deviation round differently in another order)."""
         first = parts[0]
         merged = cls(first.rule, first.fpr, first.min_area, first.total_pixels)
         for part in parts:
@@ -188,8 +192,10 @@ class ValidationSummary:
             merged.allowed += part.allowed
             merged.lowest = min(merged.lowest, part.lowest)
             merged.pixels += part.pixels
-            merged.kept += part.kept
-            merged.scores += part.scores
+        for group in itertools.zip_longest(*(zip(part.kept, part.scores) for part in parts)):
+            for kept, score in (item for item in group if item is not None):
+                merged.kept.append(kept)
+                merged.scores.append(score)
         return merged
 
     def threshold(self) -> float:
@@ -200,7 +206,7 @@ class ValidationSummary:
             return max(self.allowed) if self.allowed else self.lowest
         if self.pixels > self.total_pixels:
             raise RuntimeError(f"validation maps have {self.pixels} pixels, more than the {self.total_pixels} announced")
-        needed = _allowed_above(self.fpr, self.pixels) + 1  # at most keep: pixels <= total_pixels
+        needed = min(_allowed_above(self.fpr, self.pixels) + 1, self.pixels)  # at most keep: pixels <= total_pixels
         return float(np.partition(self.largest, self.largest.size - needed)[self.largest.size - needed])
 
     def figures(self, pixel_threshold: float, image_threshold: float) -> dict:
