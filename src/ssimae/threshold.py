@@ -43,11 +43,6 @@ def drop_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     return keep[labels]
 
 
-def _check_maps(maps: list[np.ndarray]) -> None:
-    if not maps:
-        raise SsimaeError("no validation maps to choose a threshold on; add defect-free validation images")
-
-
 def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
     """MVTec AD's rule: the smallest threshold at which every connected component of the thresholded
     validation maps is smaller than `min_defect_area` pixels (drop_small_regions then leaves their masks
@@ -59,15 +54,17 @@ def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
     time (searching all maps' values together held two more copies of every validation pixel: 20 maps of
     2048x2048, 320 MB, took 800 MB more at the peak, now 44-48 MB, in the same time). A map with no
     component too large even with every pixel marked allows any threshold; if no map constrains it, the
-    answer is the smallest value of all.
+    answer is the smallest value of all. (ValidationSummary does the work.)
     """
-    _check_maps(maps)
-    if min_defect_area < 0:
-        raise SsimaeError(f"min_defect_area {min_defect_area} must be >= 0")
-    largest_allowed = max(min_defect_area - 1, 0)
-    smallest_allowed = [_smallest_allowed(m, largest_allowed) for m in maps]
-    constrained = [t for t in smallest_allowed if t is not None]
-    return max(constrained) if constrained else min(float(m.min()) for m in maps)
+    return _summary(maps, "min-area", min_area=min_defect_area).threshold()
+
+
+def _summary(maps: list[np.ndarray], rule: str, fpr: float = 0.0, min_area: int = 0) -> ValidationSummary:
+    """The summary of maps held in a list (their image scores are not needed: 0)."""
+    summary = ValidationSummary(rule, fpr, min_area, sum(m.size for m in maps))
+    for amap in maps:
+        summary.add(amap, 0.0)
+    return summary
 
 
 def _smallest_allowed(amap: np.ndarray, largest_allowed: int) -> float | None:
@@ -108,15 +105,9 @@ def fpr_threshold(maps: list[np.ndarray], fpr: float) -> float:
 
     rate_threshold's value over all pixels, from each map's largest values in turn: t is the
     (allowed + 1)-th largest pixel, so no other pixel is needed. Sorting every validation pixel at once
-    held two more copies of them all (20 maps of 2048x2048, 320 MB: 640 MB more at the peak, 2 MB now)."""
-    _check_maps(maps)
-    if not 0 < fpr < 1:
-        raise SsimaeError(f"false-positive rate {fpr} must be in (0, 1)")
-    keep = _allowed_above(fpr, sum(m.size for m in maps)) + 1
-    largest = np.empty(0, dtype=np.float32)
-    for amap in maps:
-        largest = _keep_largest(largest, np.asarray(amap).ravel(), keep)
-    return float(np.partition(largest, 0)[0])  # the smallest as sorting orders it (NaN last), not min()'s NaN
+    held two more copies of them all (20 maps of 2048x2048, 320 MB: 640 MB more at the peak). (ValidationSummary
+    does the work.)"""
+    return _summary(maps, "pixel-fpr", fpr=fpr).threshold()
 
 
 def _keep_largest(largest: np.ndarray, values: np.ndarray, keep: int) -> np.ndarray:
