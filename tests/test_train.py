@@ -215,3 +215,23 @@ def test_presets_reach_the_run_under_yaml_and_flags(mvtec_root, tmp_path):
     assert PRESETS["tuned"]["l2_warmup_steps"] == 100 and PRESETS["tuned"]["map_smoothing"] not in (1, 3)
     assert (saved.l2_warmup_steps, saved.map_smoothing) == (100, 1.0)  # preset, then YAML, then the flag wins
     assert main(["train", str(mvtec_root), "--output", str(tmp_path / "bad"), "--preset", "fast", "--quiet"]) == 2
+
+
+def test_the_saved_optimizer_state_is_the_one_of_a_run_without_cuda_graphs():
+    """A CUDA-graph run's Adam is `capturable`, with its step counters on the GPU; what a checkpoint keeps
+    must load into a plain Adam anywhere (here: the flag and counters of such a run, made by hand)."""
+    from ssimae.graphs import portable_optimizer_state
+
+    model = build_model("ae", 1, 8, 128)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    model(torch.rand(2, 1, 128, 128)).mean().backward()
+    optimizer.step()
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+    state = portable_optimizer_state(optimizer)
+    assert all(group["capturable"] is False for group in state["param_groups"])
+    assert all(entry["step"].device.type == "cpu" and entry["step"].item() == 1 for entry in state["state"].values())
+    plain = torch.optim.Adam(build_model("ae", 1, 8, 128).parameters(), 1e-3)
+    plain.load_state_dict(state)
+    assert plain.param_groups[0]["capturable"] is False
+    assert optimizer.param_groups[0]["capturable"] is True  # the live optimizer is left as it was

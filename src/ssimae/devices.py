@@ -55,3 +55,19 @@ def tf32(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device | str):
+    """On CUDA, while inside: cuDNN times its convolution algorithms for each new shape and keeps the
+    fastest (torch.backends.cudnn.benchmark), restored after. The shapes of training and sliding-window
+    inference repeat, so the timing is paid once per shape."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -32,11 +32,12 @@ from .config import Config, save_config
 from .data import find_training_images, image_pixels, load_image, pad_to_min_size, sample_patches
 from .detector import choose_thresholds, summarise_validation, torch_detector
 from .threshold import ValidationSummary
-from .devices import resolve_device, resolve_precision, tf32
+from .devices import cudnn_autotune, resolve_device, resolve_precision, tf32
 from .distributed import Rank, any_rank, barrier, broadcast, device_for, gather, launched, shard
 from .errors import SsimaeError
 from .features import EFFICIENTNET_NAME
 from .files import output_folder, remove_stale_temps
+from .graphs import GraphedTrainStep, portable_optimizer_state
 from .losses import LossFn, l2_loss, make_loss, reconstruction
 from .models import VaeOutput
 
@@ -71,6 +72,7 @@ def train_one_epoch(
     bf16: bool = False,
     progress: "TrainingProgress | None" = None,
     stop: Callable[[], bool] | None = None,
+    graphed: GraphedTrainStep | None = None,
 ) -> tuple[float, int]:
     """One optimiser step per batch of `batches` (N, C, P, P); (mean loss, steps done).
 
@@ -78,33 +80,72 @@ def train_one_epoch(
     gradient is accumulated over micro-batches of `micro_batch` patches (every loss is a mean over
     patches, so this is the batch's gradient up to float summation order); under
     DistributedDataParallel the gradients are averaged across processes once per step. bf16 runs
-    the network under autocast; the loss is computed in fp32.
+    the network under autocast; the loss is computed in fp32. `graphed` (CUDA, see graphs.py) runs
+    each step instead, as one graph replay, with the same model, loss and optimizer.
+
+    Each step's loss is read on the host only once the next step has been queued, so a GPU never
+    waits for the host between steps; a loss that is not finite stops training one step late.
     """
     model.train()
     total, done = 0.0, 0
+    pending: torch.Tensor | None = None  # the last step's loss, not yet read
+
+    def read(loss_tensor: torch.Tensor) -> float:
+        loss = loss_tensor.item()
+        if not math.isfinite(loss):
+            raise SsimaeError(f"training diverged (loss {loss}); lower --lr")
+        if progress is not None:
+            progress.step(loss)
+        return loss
+
     for x in batches:
         if stop is not None and stop():
             break
         x = x.to(device, non_blocking=True)  # (N, C, P, P)
-        optimizer.zero_grad(set_to_none=True)
-        loss = 0.0
-        parts = x.split(micro_batch or len(x))  # (n, C, P, P) each
-        for number, part in enumerate(parts):
-            last = number == len(parts) - 1
-            with _no_sync(model, last):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the network only
-                    output = model(part)
-                part_loss = loss_fn(_fp32(output), part) * (len(part) / len(x))
-                if not torch.isfinite(part_loss):
-                    raise SsimaeError(f"training diverged (loss {part_loss.item()}); lower --lr")
-                part_loss.backward()
-            loss += part_loss.item()
-        optimizer.step()
-        total += loss
+        if graphed is not None:
+            loss = graphed(x)
+        else:
+            loss = eager_step(model, loss_fn, optimizer, x, micro_batch, bf16)
+        if pending is not None:
+            total += read(pending)
+        pending = loss
         done += 1
-        if progress is not None:
-            progress.step(loss)
+    if pending is not None:
+        total += read(pending)
     return total / max(done, 1), done
+
+
+def eager_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               micro_batch: int | None = None, bf16: bool = False) -> torch.Tensor:
+    """One optimiser step on the batch x, its gradient accumulated over micro-batches; the loss, on x's device."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.zeros((), device=x.device)
+    parts = x.split(micro_batch or len(x))  # (n, C, P, P) each
+    for number, part in enumerate(parts):
+        with _no_sync(model, number == len(parts) - 1):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):  # the network only
+                output = model(part)
+            part_loss = loss_fn(_fp32(output), part) * (len(part) / len(x))
+            part_loss.backward()
+        loss += part_loss.detach()
+    optimizer.step()
+    return loss
+
+
+def graphed_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, device: torch.device,
+                 bf16: bool = False) -> GraphedTrainStep:
+    """A CUDA-graph training step (graphs.py) of `model` with `loss_fn`; the same step as eager_step."""
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        # autocast's weight-cast cache would keep tensors made during recording: off inside graphs
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            output = model(x)
+        loss = loss_fn(_fp32(output), x)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return GraphedTrainStep(step, optimizer, device)
 
 
 def _no_sync(model: torch.nn.Module, last: bool):
@@ -428,14 +469,28 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
     def out_of_time() -> bool:  # every process stops at the same step
         return any_rank(deadline is not None and time.monotonic() >= deadline, device)
 
-    with TrainingProgress(config, state.step, total_steps, deadline, progress) as bar, tf32(precision == "tf32"):
+    # One CUDA graph per loss (the L2 warm-up's, then the method's), made on first use (graphs.py); a single
+    # process only: DistributedDataParallel's gradient averaging keeps its own launches.
+    use_graphs = device.type == "cuda" and not rank.distributed
+    graphed_steps: dict[LossFn, GraphedTrainStep] = {}
+
+    def graphed(fn: LossFn) -> GraphedTrainStep | None:
+        if not use_graphs:
+            return None
+        if fn not in graphed_steps:
+            graphed_steps.clear()  # the warm-up's graph is not replayed again: free its memory
+            graphed_steps[fn] = graphed_step(trained, fn, optimizer, device, bf16)
+        return graphed_steps[fn]
+
+    with TrainingProgress(config, state.step, total_steps, deadline, progress) as bar, tf32(precision == "tf32"), \
+            cudnn_autotune(device):
         while state.step < total_steps and not out_of_time():
             started = time.monotonic()
             epoch = itertools.islice(batches.epoch(state.epoch), min(steps_per_epoch, total_steps - state.step))
             # An L2 warm-up (config.warmup_steps) covers the first steps of the run, then the method's loss.
             warmup = max(0, config.warmup_steps - state.step)
             run = lambda fn, source: train_one_epoch(trained, fn, optimizer, source, device, micro, bf16, bar,
-                                                     out_of_time)
+                                                     out_of_time, graphed(fn))
             warm_loss, warm_done = run(l2_loss, itertools.islice(epoch, warmup)) if warmup else (0.0, 0)
             loss, done = run(loss_fn, epoch)
             done += warm_done
@@ -472,7 +527,7 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
 def keep_training_state(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Copy what a resume needs into the checkpoint: weights, optimizer and random generator states."""
     checkpoint.weights = model.state_dict()
-    checkpoint.optimizer_state = optimizer.state_dict()
+    checkpoint.optimizer_state = portable_optimizer_state(optimizer)
     checkpoint.rng_state = {"torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
