@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ssimae.errors import SsimaeError
-from ssimae.inference import coverage, sliding_window, smooth_map, torch_patch_fn, window_starts
+from ssimae.inference import (WindowRun, coverage, cut_windows, sliding_window, smooth_map, torch_patch_fn,
+                              window_runs, window_starts)
 from ssimae.losses import SsimSettings, squared_error_map
 from ssimae.models import ConvAutoencoder
 from ssimae.ssim import ssim_residual
@@ -97,9 +98,11 @@ def test_windows_cover_every_pixel_and_end_at_the_edges(height, width, stride):
     assert all(b - a <= P for a, b in zip(ys, ys[1:])) and all(b - a <= P for a, b in zip(xs, xs[1:]))
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("height, width, stride", [(20, 23, 3), (17, 8, 5), (12, 12, 1), (9, 30, 8)])
-def test_overlaps_are_averaged(height, width, stride):
-    """Each window outputs position-dependent values; the merge must be their per-pixel mean."""
+def test_overlaps_are_averaged(height, width, stride, fold):
+    """Each window outputs position-dependent values; the merge must be their per-pixel mean, whether
+    the outputs are added one by one (the CPU's way) or by fold (the GPU's)."""
 
     def local_coordinates(patches):  # output: column within the patch, and the patch's top-left value
         n = patches.shape[0]
@@ -108,7 +111,7 @@ def test_overlaps_are_averaged(height, width, stride):
         return torch.cat([columns, corner], dim=1)  # (N, 2, P, P)
 
     image = np.arange(height * width, dtype=np.float32).reshape(height, width, 1)
-    merged = sliding_window(image, local_coordinates, P, stride, batch_size=4)
+    merged = sliding_window(image, local_coordinates, P, stride, batch_size=4, fold=fold)
     total, counts = np.zeros((2, height, width)), np.zeros((height, width))
     for y in window_starts(height, P, stride):
         for x in window_starts(width, P, stride):
@@ -119,6 +122,21 @@ def test_overlaps_are_averaged(height, width, stride):
     np.testing.assert_allclose(merged, expected, rtol=1e-6, atol=1e-4)
     if stride < P < width:
         assert not np.allclose(merged[0], np.arange(width)[None, :] % P)  # overlaps really mix values
+
+
+def test_window_runs_group_windows_on_the_stride_s_pitch_within_a_row():
+    positions = [(0, 0), (0, 3), (0, 6), (0, 7), (4, 0), (4, 3), (4, 7)]
+    assert window_runs(positions, 3) == [WindowRun(0, 0, 3, 0), WindowRun(0, 7, 1, 3), WindowRun(4, 0, 2, 4),
+                                         WindowRun(4, 7, 1, 6)]
+    assert window_runs([], 3) == []
+
+
+def test_cut_windows_are_the_slices_of_the_image():
+    image = torch.from_numpy(_image(14, 17, seed=1)).permute(2, 0, 1)  # (C, H, W)
+    positions = [(y, x) for y in window_starts(14, P, 3) for x in window_starts(17, P, 3)][2:11]
+    cut = cut_windows(image, window_runs(positions, 3), P, 3)
+    expected = torch.stack([image[:, y : y + P, x : x + P] for y, x in positions])
+    torch.testing.assert_close(cut, expected, rtol=0, atol=0)
 
 
 def test_batch_size_does_not_change_the_result():

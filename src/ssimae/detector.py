@@ -190,7 +190,8 @@ def torch_detector(checkpoint: Checkpoint, device: torch.device, config: Config 
     network = checkpoint.network().to(device)
     if method.kind == "reconstruction":
         ssim = SsimSettings.from_config(config)
-        patch_fn = torch_patch_fn(network, method.residual, ssim, device, precision=config.precision)
+        patch_fn = torch_patch_fn(network, method.residual, ssim, device, precision=config.precision,
+                                  graph_batch=config.infer_batch_size)
         rebuild = torch_patch_fn(network, method.residual, ssim, device, outputs="reconstruction",
                                  precision=config.precision)
 
