@@ -29,12 +29,14 @@ def resolve_device(name: str) -> torch.device:
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
-# What `--precision auto` runs, per device type and purpose. On CUDA, measured on an H100 (bench/gpu.py,
-# bench/README.md): ssim-ae training steps at batch 128 ran fastest with TF32 matrix products and
-# convolutions (12,538 patches/s against 9,553 fp32 and 10,705 under bf16 autocast: the small net is
-# bound by kernel launches, and autocast adds casts); inference ran fastest in bf16 (97,300 against
-# 81,268 fp32). On CPU bf16 moves maps by up to 1e-2 and TF32 does not exist, so fp32 stays there.
-AUTO_PRECISION = {("cuda", "train"): "tf32", ("cuda", "infer"): "bf16"}
+# What `--precision auto` runs, per device type and purpose. On CUDA, measured on an H200 (bench/gpu.py,
+# bench/README.md, 2026-12-04) with a CUDA graph per training step and per inference batch (graphs.py):
+# ssim-ae training at batch 128, sampling included, ran fastest under bf16 autocast (24,493 patches/s
+# against 21,311 TF32 and 13,348 fp32; without graphs TF32 had won, as autocast's casts are more
+# launches), and so did inference (121,884 patches/s at batch 1024 against 117,445 TF32 and 53,120 fp32).
+# The loss and the maps are computed in fp32 either way; at the paper's budget bf16 and TF32 training gave
+# the same quality within one seed. On CPU bf16 moves maps by up to 1e-2 and TF32 does not exist: fp32.
+AUTO_PRECISION = {("cuda", "train"): "bf16", ("cuda", "infer"): "bf16"}
 
 
 def resolve_precision(precision: str, device: torch.device | str, purpose: str = "infer") -> str:
