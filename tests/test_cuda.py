@@ -63,6 +63,18 @@ def test_each_graphed_step_is_the_eager_step(loss_name):
         assert (difference > 2e-6).float().mean() < 1e-3  # all but a few weights within 1% of it
 
 
+def test_recording_waits_for_eager_steps_of_the_batch_s_own_shape():
+    model, optimizer = _model_and_optimizer()
+    step = graphed_step(model, l2_loss, optimizer, CUDA)
+    shapes = [8, 8, 8, 16, 16, 16, 16, 8, 16]  # after 3 batches of 8 one of 16: the count starts again
+    recorded = []
+    for k, count in enumerate(shapes):
+        step(texture_batch(count, seed=k).to(CUDA)).item()
+        recorded.append(step.graph is not None)
+    assert recorded == [False] * 6 + [True] * 3
+    assert step.static_input.shape[0] == 16  # the 8-patch batch after it ran eagerly
+
+
 def test_train_one_epoch_with_a_graph_counts_and_averages_like_eager():
     batches = [texture_batch(8, seed=k).to(CUDA) for k in range(6)]
     loss_fn = make_loss(Config())
@@ -99,15 +111,19 @@ def test_graphed_inference_equals_eager_at_every_batch_size():
 def test_graphed_bf16_inference_equals_eager_in_the_graph_s_batch_shapes():
     """In bf16 the map depends on the batch's shape (cuDNN picks other kernels): on an H200, 70 patches at
     once and in the graph's slices of 32 differed by up to 0.021. So the graph is compared with eager runs
-    on the batches it runs: slices of 32, the last padded (each patch's map depends on that patch alone)."""
+    on the batches it runs: slices of 32, a last one of at least 16 padded (each patch's map depends on
+    that patch alone), a smaller one eagerly."""
     torch.manual_seed(0)
     model = ConvAutoencoder(1, 16).to(CUDA)
     eager = torch_patch_fn(model, "ssim", device=CUDA, precision="bf16")
     graphed = torch_patch_fn(model, "ssim", device=CUDA, precision="bf16", graph_batch=32)
-    for count in (32, 5, 70):
+    for count in (32, 5, 20, 70):
         x = texture_batch(count, seed=count).to(CUDA)
         expected = []
         for part in x.split(32):
+            if 2 * len(part) < 32:  # run eagerly
+                expected.append(eager(part))
+                continue
             padded = torch.cat([part, texture_batch(32 - len(part), seed=99).to(CUDA)]) if len(part) < 32 else part
             expected.append(eager(padded)[: len(part)])
         torch.testing.assert_close(graphed(x), torch.cat(expected), rtol=0, atol=1e-3)

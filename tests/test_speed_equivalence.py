@@ -197,6 +197,8 @@ def test_precision_resolution():
     assert resolve_precision("auto", "cpu") == resolve_precision("auto", "cpu", "train") == "fp32"
     assert resolve_precision("auto", "cuda") == resolve_precision("auto", "cuda:1", "infer") == "bf16"
     assert resolve_precision("auto", "cuda", "train") == "bf16"  # measured fastest for training (devices.py)
+    assert resolve_precision("auto", "cuda", "train-eager") == "tf32"  # without CUDA graphs (torchrun)
+    assert resolve_precision("auto", "cpu", "train-eager") == "fp32"
     assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu", "train") == "bf16"
     assert resolve_precision("tf32", "cuda", "train") == "tf32"
 

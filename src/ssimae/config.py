@@ -123,7 +123,7 @@ class Config:
     image_score_margin: float | None = None  # share of the map's height and width at each side the image score leaves out; empty = the method's (1/32 patchcore, else 0)
     image_fpr: float = 0.05  # share of defect-free validation images allowed above the image threshold
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | tf32 | bf16: auto = bf16 on CUDA (training and inference), fp32 on CPU
+    precision: str = "auto"  # auto | fp32 | tf32 | bf16: auto = bf16 on CUDA (TF32 for training under torchrun), fp32 on CPU
 
     @property
     def resize(self) -> int | tuple[int, int] | None:

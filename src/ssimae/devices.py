@@ -35,12 +35,15 @@ PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 # against 21,311 TF32 and 13,348 fp32; without graphs TF32 had won, as autocast's casts are more
 # launches), and so did inference (121,884 patches/s at batch 1024 against 117,445 TF32 and 53,120 fp32).
 # The loss and the maps are computed in fp32 either way; at the paper's budget bf16 and TF32 training gave
-# the same quality within one seed. On CPU bf16 moves maps by up to 1e-2 and TF32 does not exist: fp32.
-AUTO_PRECISION = {("cuda", "train"): "bf16", ("cuda", "infer"): "bf16"}
+# the same quality within one seed. Steps without graphs ('train-eager': several processes under torchrun)
+# stay TF32, which won there (the eager step at batch 128: 17,377-20,072 TF32 against 12,966-15,627 bf16).
+# On CPU bf16 moves maps by up to 1e-2 and TF32 does not exist: fp32.
+AUTO_PRECISION = {("cuda", "train"): "bf16", ("cuda", "train-eager"): "tf32", ("cuda", "infer"): "bf16"}
 
 
 def resolve_precision(precision: str, device: torch.device | str, purpose: str = "infer") -> str:
-    """'auto' -> the measured-fastest choice for the device and purpose ('train' or 'infer')."""
+    """'auto' -> the measured-fastest choice for the device and purpose: 'infer', 'train' (a CUDA graph per
+    step on CUDA) or 'train-eager' (steps launched kernel by kernel)."""
     if precision not in PRECISIONS:
         raise SettingError("precision", f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":

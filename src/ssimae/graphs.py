@@ -50,35 +50,40 @@ def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 class GraphedTrainStep:
     """forward, loss, backward and optimizer step of one batch -> the loss as a 0-d device tensor.
 
-    The first EAGER_STEPS_BEFORE_RECORDING calls run eagerly on a side stream; the next records the step
-    as a CUDA graph and replays it, as does every later call with a batch of that shape. `step_fn(x)`
-    must do forward, loss, backward and optimizer.step() and return the loss, with the gradients cleared
-    (set to None) before it is called the first time.
+    Batches run eagerly on a side stream until EAGER_STEPS_BEFORE_RECORDING of one shape have run in a
+    row; the next batch of that shape is recorded as a CUDA graph and replayed, as is every later batch
+    of that shape (another shape runs eagerly). `step_fn(x)` must do forward, loss, backward and
+    optimizer.step() and return the loss, with the gradients cleared (set to None) before it is called
+    the first time.
     """
 
     def __init__(self, step_fn: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
                  device: torch.device):
         make_capturable(optimizer)
-        self.step_fn, self.optimizer, self.device = step_fn, optimizer, device
+        self.step_fn, self.optimizer, self.device = step_fn, optimizer, torch.device(device)
+        self.eager_shape: torch.Size | None = None  # the shape of the eager steps in a row before recording
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_input: torch.Tensor | None = None
         self.static_loss: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.graph is not None and x.shape == self.static_input.shape:
-            self.static_input.copy_(x)
-            self.graph.replay()
-            return self.static_loss.clone()  # the next replay overwrites static_loss
-        if self.graph is not None or self.eager_steps < EAGER_STEPS_BEFORE_RECORDING:
-            return self._eager(x)  # before recording, or a batch of another shape
-        self.static_input = x.clone()
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's own pool holds the gradients it makes
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self.step_fn(self.static_input)
-        self.graph.replay()  # recording runs nothing: this is the batch's step
-        return self.static_loss.clone()
+        # The graph's device made current: recording captures the current device's work only.
+        with torch.cuda.device(self.device):
+            if self.graph is not None and x.shape == self.static_input.shape:
+                self.static_input.copy_(x)
+                self.graph.replay()
+                return self.static_loss.clone()  # the next replay overwrites static_loss
+            ready = x.shape == self.eager_shape and self.eager_steps >= EAGER_STEPS_BEFORE_RECORDING
+            if self.graph is not None or not ready:
+                return self._eager(x)  # before recording, or a batch of another shape
+            self.static_input = x.clone()
+            self.optimizer.zero_grad(set_to_none=True)  # the graph's own pool holds the gradients it makes
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
+                self.static_loss = self.step_fn(self.static_input)
+            self.graph.replay()  # recording runs nothing: this is the batch's step
+            return self.static_loss.clone()
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         side = torch.cuda.Stream(self.device)
@@ -87,21 +92,24 @@ class GraphedTrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.step_fn(x)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.eager_steps += 1
+        if self.graph is None:
+            self.eager_steps = self.eager_steps + 1 if x.shape == self.eager_shape else 1
+            self.eager_shape = x.shape
         return loss
 
 
 class GraphedBatches:
     """fn(x) for batches of up to `size` items, replayed from one CUDA graph recorded at that size.
 
-    A smaller batch is copied into the front of the static input (the rest keeps earlier values, which
-    are computed and dropped) and gets the front of the static output; a larger one goes in slices of
-    `size`. fn is run once eagerly on a side stream before recording (cuDNN's algorithm choice, cached
-    filters). An input of another shape per item, or dtype, runs fn eagerly.
+    A batch of at least half the size is copied into the front of the static input (the rest keeps
+    earlier values, which are computed and dropped) and gets the front of the static output; a smaller
+    one runs eagerly (padding it would at least double its work), a larger one goes in slices of `size`.
+    fn is run once eagerly on a side stream before recording (cuDNN's algorithm choice, cached filters).
+    An input of another shape per item, or dtype, runs fn eagerly.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], size: int, device: torch.device):
-        self.fn, self.size, self.device = fn, size, device
+        self.fn, self.size, self.device = fn, size, torch.device(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_input: torch.Tensor | None = None
         self.static_output: torch.Tensor | None = None
@@ -109,14 +117,17 @@ class GraphedBatches:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if len(x) > self.size:
             return torch.cat([self(part) for part in x.split(self.size)])
-        if self.graph is None:
-            self._record(x)
-        elif x.shape[1:] != self.static_input.shape[1:] or x.dtype != self.static_input.dtype:
+        if 2 * len(x) < self.size:
             return self.fn(x)
-        count = len(x)
-        self.static_input[:count].copy_(x)
-        self.graph.replay()
-        return self.static_output[:count].clone()  # the next replay overwrites static_output
+        with torch.cuda.device(self.device):  # recording captures the current device's work only
+            if self.graph is None:
+                self._record(x)
+            elif x.shape[1:] != self.static_input.shape[1:] or x.dtype != self.static_input.dtype:
+                return self.fn(x)
+            count = len(x)
+            self.static_input[:count].copy_(x)
+            self.graph.replay()
+            return self.static_output[:count].clone()  # the next replay overwrites static_output
 
     def _record(self, x: torch.Tensor) -> None:
         self.static_input = torch.zeros((self.size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -127,5 +138,5 @@ class GraphedBatches:
             self.fn(self.static_input)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
             self.static_output = self.fn(self.static_input)

@@ -453,8 +453,11 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
         VALIDATION_PATCHES, config.patch_size, np.random.default_rng([config.seed, 1]), rotate="none", flip=False,
     )
     del val_source
-    precision = resolve_precision(config.precision, device, "train")
+    use_graphs = device.type == "cuda" and not rank.distributed
+    precision = resolve_precision(config.precision, device, "train" if use_graphs else "train-eager")
     bf16 = precision == "bf16"
+    if rank.main:
+        log.info("training on %s in %s%s", device, precision, ", a CUDA graph per step" if use_graphs else "")
     micro = TRAIN_MICRO_BATCH if device.type == "cpu" else None
     state = checkpoint.training
     steps_per_epoch = math.ceil(config.patches_per_epoch / config.batch_size)
@@ -471,14 +474,14 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
 
     # One CUDA graph per loss (the L2 warm-up's, then the method's), made on first use (graphs.py); a single
     # process only: DistributedDataParallel's gradient averaging keeps its own launches.
-    use_graphs = device.type == "cuda" and not rank.distributed
     graphed_steps: dict[LossFn, GraphedTrainStep] = {}
 
     def graphed(fn: LossFn) -> GraphedTrainStep | None:
         if not use_graphs:
             return None
+        if fn is not l2_loss and state.step >= config.warmup_steps:
+            graphed_steps.pop(l2_loss, None)  # the warm-up is over: free its graph's memory
         if fn not in graphed_steps:
-            graphed_steps.clear()  # the warm-up's graph is not replayed again: free its memory
             graphed_steps[fn] = graphed_step(trained, fn, optimizer, device, bf16)
         return graphed_steps[fn]
 
