@@ -193,6 +193,16 @@ def section_infer(device: torch.device, seconds: float, batches: tuple[int, ...]
     network = torch_patch_fn(model, "ssim", SsimSettings(), device, "reconstruction", precision, graph_batch)
     row(f"batch {batch} {precision}, the network alone (no 1 - SSIM map)",
         f"{rate(lambda: network(x), batch, device, seconds):,.0f}")
+    # The SSIM's Gaussian filter as two 1-D convolutions instead of two banded-matrix products (which won
+    # on the CPU, bench/README.md; a product does 128 multiply-adds per pixel where the filter needs 11).
+    import ssimae.ssim as ssim_module
+
+    matrix_max_side, ssim_module.MATRIX_MAX_SIDE = ssim_module.MATRIX_MAX_SIDE, 0
+    by_convolution = torch_patch_fn(model, "ssim", SsimSettings(), device, precision=precision,
+                                    graph_batch=graph_batch)
+    row(f"batch {batch} {precision}, the SSIM filter by 1-D convolutions",
+        f"{rate(lambda: by_convolution(x), batch, device, seconds):,.0f}")
+    ssim_module.MATRIX_MAX_SIDE = matrix_max_side
     return results
 
 
