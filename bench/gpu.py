@@ -12,8 +12,8 @@ Prints, with the card's name:
   predict   `predict_folder` over 1024x1024 PNGs at full size, stride 30, every output written
             (target >= 20 images/s), at infer batch 64 (the default) and 256; the main thread's share per
             image (the map alone; cutting and adding up the windows alone, one by one and by fold); one
-            writer's job alone; predict_folder with 4 and 12 writers, a 1 ms GIL switch interval, and
-            nothing written
+            writer's job alone; predict_folder with 4 and 12 writers, a 1 ms GIL switch interval, no
+            overlays, and nothing written
   patchcore fit on magnetic_tile, if ../shared/data/magnetic_tile exists (target < 30 s)
   paper     `ssimae train` at its defaults (the paper's 2 million patches) on the bundled example, then
             its evaluation (target: under 2 minutes), at --paper-precisions
@@ -250,9 +250,9 @@ def section_predict(device: torch.device, count: int, side: int, batches: tuple[
         detector = load_detector(work / "checkpoint.pt", overrides={"device": str(device)})
         import ssimae.predict as predict_module
 
-        def timed(label: str) -> None:
+        def timed(label: str, outputs: tuple[str, ...] = predict_module.OUTPUT_FOLDERS) -> None:
             started = time.perf_counter()
-            predict_folder(detector, work, work / "variant")
+            predict_folder(detector, work, work / "variant", outputs=outputs)
             row(f"  {label}", f"{count / (time.perf_counter() - started):.1f}", "images/s, default batch")
 
         image, amap = images[0], detector.anomaly_map(images[0])
@@ -273,6 +273,7 @@ def section_predict(device: torch.device, count: int, side: int, batches: tuple[
         sys.setswitchinterval(0.001)
         timed("GIL switch interval 1 ms instead of 5")
         sys.setswitchinterval(interval)
+        timed("--outputs maps,masks (no overlays)", ("maps", "masks"))
         predict_module.write_outputs = lambda *args: None
         timed("nothing written (what the writers cost)")
         predict_module.write_outputs = write_outputs

@@ -116,6 +116,28 @@ def test_predict_writes_maps_masks_overlays_and_scores(cli_run, mvtec_root, tmp_
     assert tmp_files(out) == []
 
 
+def test_predict_writes_only_the_outputs_asked_for(checkpoint_path, mvtec_root, tmp_path, capsys):
+    full, some, none = tmp_path / "full", tmp_path / "some", tmp_path / "none"
+    images = mvtec_root / "test" / "scratch"
+    assert run_cli(capsys, "predict", checkpoint_path, images, "--output", full, "--quiet")[0] == 0
+    code, stdout, err = run_cli(capsys, "predict", checkpoint_path, images, "--output", some, "--outputs",
+                                "overlays,masks", "--quiet")
+    assert code == 0, err
+    assert "masks, overlays and scores.csv" in stdout
+    assert sorted(p.name for p in some.iterdir()) == ["masks", "overlays", "scores.csv"]
+    for name in ("masks/000.png", "overlays/001.png", "scores.csv"):
+        assert (some / name).read_bytes() == (full / name).read_bytes(), name
+    code, stdout, err = run_cli(capsys, "predict", checkpoint_path, images, "--output", none, "--outputs", "none",
+                                "--quiet")
+    assert code == 0 and "defective; scores.csv in" in stdout, err
+    assert [p.name for p in none.iterdir()] == ["scores.csv"]
+    assert (none / "scores.csv").read_bytes() == (full / "scores.csv").read_bytes()
+    for bad, named in (("maps,mapz", "unknown mapz"), (",", "empty"), ("none,maps", "unknown none")):
+        assert_user_error(capsys, ["predict", checkpoint_path, images, "--output", tmp_path / "o", "--outputs", bad],
+                          named, "maps, masks, overlays, or none")
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
 def test_predict_threshold_override(checkpoint_path, mvtec_root, tmp_path, capsys):
     out = tmp_path / "pred"
     code, _, err = run_cli(capsys, "predict", checkpoint_path, mvtec_root / "test" / "good" / "000.png",

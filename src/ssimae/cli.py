@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override the checkpoint's threshold")
     predict.add_argument("--strict", action="store_true",
                          help="stop at the first unreadable image (default: skip it, list it in errors.csv, exit 1)")
+    predict.add_argument("--outputs", default="maps,masks,overlays",
+                         help="the per-image files to write, comma-separated: maps (TIFF), masks (PNG), overlays "
+                              "(PNG; the slowest to write), or none for scores.csv alone (default: all three)")
     _add_inference_flags(predict)
 
     evaluate = commands.add_parser("evaluate", parents=[common], help="pixel ROC AUC, AU-PRO and image AUROC on a test split")
@@ -220,16 +223,18 @@ def _detector(args, rank: distributed.Rank = distributed.Rank()):
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_folder
+    from .predict import parse_outputs, predict_folder
 
+    outputs = parse_outputs(args.outputs)
     rank = distributed.setup(getattr(args, "device", None) or "auto")
     progress = _progress(args, "predict") if rank.main else None
     result = predict_folder(_detector(args, rank), args.input, args.output, args.threshold, progress,
-                            strict=args.strict, rank=rank)
+                            strict=args.strict, rank=rank, outputs=outputs)
     if not rank.main:
         return 0
     defective = sum(r["defective"] == "yes" for r in result.rows)
-    print(f"{len(result.rows)} image(s), {defective} defective; maps, masks, overlays and scores.csv in {args.output}")
+    written = ", ".join(outputs) + " and scores.csv" if outputs else "scores.csv"
+    print(f"{len(result.rows)} image(s), {defective} defective; {written} in {args.output}")
     if result.errors:
         print(f"ssimae: {len(result.errors)} image(s) could not be read and were skipped (first: {result.errors[0][0]}); "
               f"see {Path(args.output) / 'errors.csv'}", file=sys.stderr)

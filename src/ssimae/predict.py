@@ -28,7 +28,7 @@ from PIL import Image
 from .data import IMAGE_EXTENSIONS, list_images, read_image, target_size
 from .detector import Detector, Prediction, load_detector  # noqa: F401  (load_detector: the 0.1.0 import path)
 from .distributed import Rank, barrier, gather, shard
-from .errors import SsimaeError
+from .errors import SettingError, SsimaeError
 from .overlay import verdict_overlay
 from .png import encode_png
 from .files import atomic_path, atomic_write_text, output_folder, remove_stale_temps
@@ -36,6 +36,18 @@ from .files import atomic_path, atomic_write_text, output_folder, remove_stale_t
 log = logging.getLogger(__name__)
 # predict's per-image output folders (maps/NAME.tiff, masks/NAME.png, overlays/NAME.png)
 OUTPUT_FOLDERS = ("maps", "masks", "overlays")
+
+
+def parse_outputs(text: str) -> tuple[str, ...]:
+    """--outputs: a comma-separated subset of OUTPUT_FOLDERS, or 'none' (scores.csv alone)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [name for name in names if name not in OUTPUT_FOLDERS]
+    if unknown or not names:
+        raise SettingError("outputs", f"--outputs {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
+                                      f"use a comma-separated subset of {', '.join(OUTPUT_FOLDERS)}, or none")
+    return tuple(name for name in OUTPUT_FOLDERS if name in names)
 
 
 def input_images(source: str | os.PathLike, skip: Path | None = None) -> tuple[list[Path], Path]:
@@ -140,13 +152,18 @@ def caption(row: dict) -> str:
             f"{row['defect_area_percent']:.2f}% of the image")
 
 
-def write_outputs(output_dir: Path, name: Path, image: np.ndarray, result: Prediction, row: dict) -> None:
-    """maps/NAME.tiff, masks/NAME.png and overlays/NAME.png of one image."""
-    write_tiff(output_dir / "maps" / f"{name}.tiff", result.anomaly_map)
-    write_png(output_dir / "masks" / f"{name}.png", result.mask.astype(np.uint8) * 255)
-    write_png(output_dir / "overlays" / f"{name}.png",
-              verdict_overlay(image, result.anomaly_map, result.mask, row["pixel_threshold"], caption(row),
-                              result.defective))
+def write_outputs(output_dir: Path, name: Path, image: np.ndarray | None, result: Prediction, row: dict,
+                  outputs: tuple[str, ...] = OUTPUT_FOLDERS) -> None:
+    """maps/NAME.tiff, masks/NAME.png and overlays/NAME.png of one image, those of `outputs` (the image is
+    needed for the overlay only)."""
+    if "maps" in outputs:
+        write_tiff(output_dir / "maps" / f"{name}.tiff", result.anomaly_map)
+    if "masks" in outputs:
+        write_png(output_dir / "masks" / f"{name}.png", result.mask.astype(np.uint8) * 255)
+    if "overlays" in outputs:
+        write_png(output_dir / "overlays" / f"{name}.png",
+                  verdict_overlay(image, result.anomaly_map, result.mask, row["pixel_threshold"], caption(row),
+                                  result.defective))
 
 
 class ScoresFile:
@@ -212,9 +229,11 @@ def predict_folder(
     overlap: bool = True,
     strict: bool = False,
     rank: Rank = Rank(),
+    outputs: tuple[str, ...] = OUTPUT_FOLDERS,
 ) -> PredictResult:
-    """Predict every readable image under `source`; write maps, masks, overlays, scores.csv and, if
-    some images could not be read, errors.csv. With `strict`, the first unreadable image is an error.
+    """Predict every readable image under `source`; write the `outputs` (maps, masks, overlays: all by
+    default), scores.csv and, if some images could not be read, errors.csv. With `strict`, the first
+    unreadable image is an error.
 
     Under torchrun each process takes every world-th image and writes its rows to scores.rank<R>.csv;
     the main process merges them into scores.csv in input order (the same file one process writes).
@@ -238,21 +257,22 @@ def predict_folder(
     barrier()
     scores = ScoresFile(output_dir / ("scores.csv" if not rank.distributed else f"scores.rank{rank.rank}.csv"))
 
-    def outputs(path: Path, image: np.ndarray) -> Callable[[], dict]:
+    def map_and_job(path: Path, image: np.ndarray) -> Callable[[], dict]:
         """The anomaly map of one image, computed here, and the job that decides on it (mask, score,
         verdict), writes its files and returns its score row, to run beside the next image's map."""
         amap = detector.anomaly_map(image)
+        kept = image if "overlays" in outputs else None  # the overlay alone needs the image
 
         def job() -> dict:
             result = detector.decide(amap, override)
             row = score_row(str(path.relative_to(base)), result, threshold, image_threshold)
-            write_outputs(output_dir, names[path], image, result, row)
+            write_outputs(output_dir, names[path], kept, result, row, outputs)
             return row
 
         return job
 
     try:
-        rows, errors = _run(shard(paths, rank), base, detector, outputs, scores, progress, overlap, strict)
+        rows, errors = _run(shard(paths, rank), base, detector, map_and_job, scores, progress, overlap, strict)
         scores.finish()
     finally:
         scores.close()
@@ -267,7 +287,7 @@ def predict_folder(
     return PredictResult(rows, errors)
 
 
-def _run(paths: list[Path], base: Path, detector: Detector, outputs, scores: ScoresFile, progress, overlap: bool,
+def _run(paths: list[Path], base: Path, detector: Detector, map_and_job, scores: ScoresFile, progress, overlap: bool,
          strict: bool) -> tuple[list[dict], list[tuple[str, str]]]:
     """The loop over images: a reader thread reads the next image and WRITERS threads decide on and
     write the previous images' files while the current one's map is computed (bench/speed.py measures
@@ -300,7 +320,7 @@ def _run(paths: list[Path], base: Path, detector: Detector, outputs, scores: Sco
                     errors.append((str(path.relative_to(base)), reason))
                 else:
                     warn_about_input(image, detector, path, warned)
-                    job = outputs(path, image)
+                    job = map_and_job(path, image)
                     del image
                     while len(writing) >= (WRITERS if small else 1):  # bounded memory
                         finish_oldest()
