@@ -130,16 +130,18 @@ def test_the_report_names_methods_below_the_no_network_floor(tmp_path):
     assert "Below the no-network floor" in (run / "metrics.md").read_text()
 
 
-def test_the_floor_sentence_explains_a_flat_ssim_ae_only_where_its_output_is_flat(tmp_path):
-    from ssimae.report import FLAT_SSIM_AE, floor_sentence
+def test_the_floor_sentence_explains_an_ssim_ae_below_the_floor_by_its_fidelity(tmp_path):
+    from ssimae.report import FLAT_SSIM_AE, RECONSTRUCTING_SSIM_AE, floor_sentence
 
     results = json.loads((fake_run(tmp_path, ["ssim-ae", "l2-ae", "blur"]) / "metrics.json").read_text())
     for method, au_pro in (("ssim-ae", 0.4), ("l2-ae", 0.5), ("blur", 0.6)):
         results["results"][method]["metrics"]["au_pro"] = au_pro
     results["results"]["ssim-ae"]["training"]["fidelity_corr"] = 0.02
     assert floor_sentence(results).endswith(FLAT_SSIM_AE)
-    results["results"]["ssim-ae"]["training"]["fidelity_corr"] = 0.9  # reconstructs: the explanation does not apply
-    assert FLAT_SSIM_AE not in floor_sentence(results)
+    results["results"]["ssim-ae"]["training"]["fidelity_corr"] = 0.9  # reconstructs: the other explanation
+    assert FLAT_SSIM_AE not in floor_sentence(results) and floor_sentence(results).endswith(RECONSTRUCTING_SSIM_AE)
+    del results["results"]["ssim-ae"]["training"]["fidelity_corr"]  # unknown: no explanation
+    assert floor_sentence(results).endswith("less than a filter residual does on these images.")
     results["results"]["ssim-ae"]["training"]["fidelity_corr"] = 0.02
     results["results"]["ssim-ae"]["metrics"]["au_pro"] = 0.7  # above the floor: nothing to explain
     assert floor_sentence(results) == "Below the no-network floor (blur, AU-PRO 0.600): l2-ae. Their maps find " \
