@@ -47,6 +47,17 @@ def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     return state
 
 
+def on_side_stream(fn: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fn() on a new stream that starts after the current stream's work, which then waits for it: how
+    PyTorch's documentation runs the eager iterations before recording a graph."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        result = fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return result
+
+
 class GraphedTrainStep:
     """forward, loss, backward and optimizer step of one batch -> the loss as a 0-d device tensor.
 
@@ -86,12 +97,11 @@ class GraphedTrainStep:
             return self.static_loss.clone()
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        def step() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.step_fn(x)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+            return self.step_fn(x)
+
+        loss = on_side_stream(step, self.device)
         if self.graph is None:
             self.eager_steps = self.eager_steps + 1 if x.shape == self.eager_shape else 1
             self.eager_shape = x.shape
@@ -132,11 +142,7 @@ class GraphedBatches:
     def _record(self, x: torch.Tensor) -> None:
         self.static_input = torch.zeros((self.size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
         self.static_input[: len(x)].copy_(x)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self.fn(self.static_input)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        on_side_stream(lambda: self.fn(self.static_input), self.device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
             self.static_output = self.fn(self.static_input)
