@@ -209,8 +209,9 @@ def section_infer(device: torch.device, seconds: float, batches: tuple[int, ...]
 def section_predict(device: torch.device, count: int, side: int, batches: tuple[int, ...]) -> float:
     """predict_folder as a whole at each infer batch (64 is the default), then where one image's time goes
     on the main thread: the map alone (anomaly_map), cutting and adding up the windows alone (a patch
-    function that does nothing) one by one and by fold; then predict_folder with other numbers of writer
-    threads, a shorter GIL switch interval, and with nothing written (the writers' share)."""
+    function that does nothing) one by one and by fold; one writer's job alone; then predict_folder with
+    other numbers of writer threads, a shorter GIL switch interval, no overlays, and nothing written (the
+    writers' share)."""
     print(f"\n== predict: folder of {count} PNGs {side}x{side}, full size, stride 30, all outputs, images/s",
           flush=True)
     from ssimae.detector import load_detector

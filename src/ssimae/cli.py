@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override the checkpoint's threshold")
     predict.add_argument("--strict", action="store_true",
                          help="stop at the first unreadable image (default: skip it, list it in errors.csv, exit 1)")
-    predict.add_argument("--outputs", default="maps,masks,overlays",
+    predict.add_argument("--outputs",
                          help="the per-image files to write, comma-separated: maps (TIFF), masks (PNG), overlays "
                               "(PNG; the slowest to write), or none for scores.csv alone (default: all three)")
     _add_inference_flags(predict)

@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 OUTPUT_FOLDERS = ("maps", "masks", "overlays")
 
 
-def parse_outputs(text: str) -> tuple[str, ...]:
-    """--outputs: a comma-separated subset of OUTPUT_FOLDERS, or 'none' (scores.csv alone)."""
+def parse_outputs(text: str | None) -> tuple[str, ...]:
+    """--outputs: a comma-separated subset of OUTPUT_FOLDERS, or 'none' (scores.csv alone); None: all."""
+    if text is None:
+        return OUTPUT_FOLDERS
     names = [name.strip() for name in text.split(",") if name.strip()]
     if names == ["none"]:
         return ()
