@@ -1,12 +1,14 @@
 """predict's picture outputs: the PNG encoder against Pillow's decoder, the contour against scipy."""
 
 import io
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
+import ssimae.png
 from ssimae.overlay import contour
 from ssimae.png import encode_png
 
@@ -29,6 +31,18 @@ def test_png_of_a_mask_and_an_overlay_like_picture():
     for array in (mask, picture, np.asfortranarray(picture), picture[::2, ::3]):  # non-contiguous inputs too
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(array)))), array)
     assert len(encode_png(mask)) < 1000  # the Up filter makes a flat mask compress to almost nothing
+
+
+def test_png_is_deflated_by_isal_when_installed_and_by_zlib_without(monkeypatch):
+    isal_zlib = pytest.importorskip("isal.isal_zlib")
+    assert ssimae.png.deflate is isal_zlib  # a dependency: installed with ssimae
+    picture = np.random.default_rng(3).integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+    fast = encode_png(picture)
+    monkeypatch.setattr(ssimae.png, "deflate", zlib)  # the fallback without the isal package
+    plain = encode_png(picture)
+    assert fast != plain  # two encoders, the same picture
+    for data in (fast, plain):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), picture)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8),
