@@ -11,7 +11,7 @@ from ssimae.config import Config
 from ssimae.detector import Detector, choose_thresholds, summarise_maps
 from ssimae.overlay import PANEL_MAX_SIDE, PANEL_MIN_SIDE, panel_size, verdict_overlay
 from ssimae.scoring import image_score
-from ssimae.threshold import drop_small_regions, fpr_threshold, image_threshold, images_needed, rate_threshold
+from ssimae.threshold import drop_small_regions, fpr_threshold, image_threshold, images_needed, kept_regions, rate_threshold
 
 
 # --------------------------------------------------------------------------- image scores, by hand
@@ -130,6 +130,10 @@ def test_drop_small_regions_keeps_regions_of_the_minimum_area():
     assert drop_small_regions(mask, 25).sum() == 25
     assert drop_small_regions(mask, 4).sum() == 29
     assert np.array_equal(drop_small_regions(mask, 0), mask)
+    for min_area, count in ((25, 1), (4, 2), (2, 2), (1, 3), (0, 3), (26, 0)):
+        kept, regions = kept_regions(mask, min_area)
+        assert np.array_equal(kept, drop_small_regions(mask, min_area)) and regions == count
+    assert kept_regions(np.zeros((5, 5), dtype=bool), 3)[1] == 0
 
 
 def _planted(seed: int, defect: bool) -> tuple[np.ndarray, np.ndarray]:

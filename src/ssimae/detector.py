@@ -23,7 +23,6 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from .checkpoint import Checkpoint, Thresholds
 from .config import BACKENDS, INFERENCE_SETTINGS, Config, config_from_dict
@@ -32,7 +31,7 @@ from .devices import resolve_device, resolve_precision, tf32
 from .errors import SettingError, SsimaeError
 from .inference import PatchFn, sliding_window, smooth_map, torch_patch_fn
 from .scoring import image_score
-from .threshold import EIGHT_CONNECTED, ValidationSummary, drop_small_regions, image_threshold, images_needed
+from .threshold import ValidationSummary, image_threshold, images_needed, kept_regions
 from .losses import SsimSettings
 from .methods import METHODS
 
@@ -93,8 +92,7 @@ class Detector:
         pixel = self.threshold if threshold is None else threshold
         if pixel is None:
             raise SsimaeError("the checkpoint has no threshold (training did not finish); pass --threshold")
-        mask = drop_small_regions(amap > pixel, self.config.min_defect_area)
-        _, regions = ndimage.label(mask, structure=EIGHT_CONNECTED)
+        mask, regions = kept_regions(amap > pixel, self.config.min_defect_area)
         score = self.image_score(amap)
         image = self.image_threshold if threshold is None else None
         defective = score > image if image is not None else bool(regions)

@@ -36,11 +36,20 @@ def drop_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     """The mask without its 8-connected regions of fewer than `min_area` pixels."""
     if min_area <= 1 or not mask.any():
         return mask
+    return kept_regions(mask, min_area)[0]
+
+
+def kept_regions(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, int]:
+    """drop_small_regions' mask, and the number of 8-connected regions it keeps (one labelling for both)."""
+    if not mask.any():
+        return mask, 0
     labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    if min_area <= 1:
+        return mask, count
     sizes = np.bincount(labels.ravel())  # (count + 1,); sizes[0] is the background
     keep = sizes >= min_area
     keep[0] = False
-    return keep[labels]
+    return keep[labels], int(keep.sum())
 
 
 def min_area_threshold(maps: list[np.ndarray], min_defect_area: int) -> float:
