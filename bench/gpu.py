@@ -8,12 +8,14 @@ Prints, with the card's name:
   train     train_one_epoch end to end with the sampler, as `ssimae train` runs it, at each precision,
             the one --precision auto picks marked (target >= 20,000 patches/s)
   infer     the network + 1 - SSIM map as predict runs it, eager and graphed, batch 64 and 1024, each
-            precision (target >= 150,000); then the network alone
+            precision (target >= 150,000); then the network alone, the plain (unfused) map, and the map
+            alone: fused (fused_ssim.py) with TF32 or fp32 filter products, plain, and filtered by convolutions
   predict   `predict_folder` over 1024x1024 PNGs at full size, stride 30, every output written
             (target >= 20 images/s), at infer batch 64 (the default) and 256; the main thread's share per
             image (the map alone; cutting and adding up the windows alone, one by one and by fold); one
-            writer's job alone; predict_folder with 4 and 12 writers, a 1 ms GIL switch interval, no
-            overlays, and nothing written
+            writer's job alone; the CPUs this process may use; writers' jobs alone in 1-16 threads; the
+            standard library's zlib instead of isal; predict_folder with 4 and 12 writers, a 1 ms GIL
+            switch interval, no overlays, and nothing written
   patchcore fit on magnetic_tile, if ../shared/data/magnetic_tile exists (target < 30 s)
   paper     `ssimae train` at its defaults (the paper's 2 million patches) on the bundled example, then
             its evaluation (target: under 2 minutes), at --paper-precisions
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -193,17 +197,54 @@ def section_infer(device: torch.device, seconds: float, batches: tuple[int, ...]
     network = torch_patch_fn(model, "ssim", SsimSettings(), device, "reconstruction", precision, graph_batch)
     row(f"batch {batch} {precision}, the network alone (no 1 - SSIM map)",
         f"{rate(lambda: network(x), batch, device, seconds):,.0f}")
-    # The SSIM's Gaussian filter as two 1-D convolutions instead of two banded-matrix products (which won
-    # on the CPU, bench/README.md; a product does 128 multiply-adds per pixel where the filter needs 11).
-    import ssimae.ssim as ssim_module
+    import ssimae.inference as inference_module
 
-    matrix_max_side, ssim_module.MATRIX_MAX_SIDE = ssim_module.MATRIX_MAX_SIDE, 0
-    by_convolution = torch_patch_fn(model, "ssim", SsimSettings(), device, precision=precision,
-                                    graph_batch=graph_batch)
-    row(f"batch {batch} {precision}, the SSIM filter by 1-D convolutions",
-        f"{rate(lambda: by_convolution(x), batch, device, seconds):,.0f}")
-    ssim_module.MATRIX_MAX_SIDE = matrix_max_side
+    fused_available, inference_module.fused_available = inference_module.fused_available, lambda device: False
+    plain = torch_patch_fn(model, "ssim", SsimSettings(), device, precision=precision, graph_batch=graph_batch)
+    inference_module.fused_available = fused_available
+    row(f"batch {batch} {precision}, with the plain map (ssim.ssim_residual: ~20 element-wise kernels)",
+        f"{rate(lambda: plain(x), batch, device, seconds):,.0f}")
+    # The 1 - SSIM map alone, on fixed inputs: the fused kernels with TF32 or fp32 filter products, the
+    # plain map, and the fused map with its filter as two 1-D convolutions (11 taps a pixel, against 128
+    # multiply-adds a pixel in a banded 128x128 product; the convolutions won on the CPU, bench/README.md).
+    import ssimae.ssim as ssim_module
+    from ssimae.fused_ssim import fused_ssim_residual
+    from ssimae.ssim import ssim_residual
+
+    y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    maps = {"plain fp32 (ssim_residual)": lambda: ssim_residual(x, y)}
+    if device.type == "cuda" and fused_available(device):
+        maps["fused, TF32 filter (bf16/tf32 precision)"] = lambda: fused_ssim_residual(x, y, tf32_filter=True)
+        maps["fused, fp32 filter (fp32 precision)"] = lambda: fused_ssim_residual(x, y, tf32_filter=False)
+
+        def by_convolution():
+            matrix_max_side, ssim_module.MATRIX_MAX_SIDE = ssim_module.MATRIX_MAX_SIDE, 0
+            try:
+                return fused_ssim_residual(x, y, tf32_filter=True)
+            finally:
+                ssim_module.MATRIX_MAX_SIDE = matrix_max_side
+
+        maps["fused, filter by 1-D convolutions"] = by_convolution
+        difference = (fused_ssim_residual(x, y, tf32_filter=True) - ssim_residual(x, y)).abs().max().item()
+        row("  fused TF32 map against the plain fp32 one, largest difference", f"{difference:.2e}")
+    with torch.inference_mode():
+        for label, fn in maps.items():
+            row(f"  the map alone, batch {batch}: {label}", f"{rate(fn, batch, device, seconds):,.0f}")
     return results
+
+
+def cgroup_cpu_quota() -> str:
+    """The container's CPU limit (cgroup cpu quota over period), if there is one."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+            quota = "max" if quota == "-1" else quota
+        except OSError:
+            return "unknown"
+    return "none" if quota == "max" else f"{int(quota) / int(period):.1f} CPUs"
 
 
 def section_predict(device: torch.device, count: int, side: int, batches: tuple[int, ...]) -> float:
@@ -266,6 +307,31 @@ def section_predict(device: torch.device, count: int, side: int, batches: tuple[
         writers, write_outputs = predict_module.WRITERS, predict_module.write_outputs
         row("  one writer's job alone (decide, TIFF, mask, overlay)", f"{job * 1000:.0f} ms",
             f"{writers} writers: at most {writers / job:.0f} images/s if they ran in parallel")
+        print(f"  CPUs: os.cpu_count() {os.cpu_count()}, usable by this process {len(os.sched_getaffinity(0))}, "
+              f"cgroup quota {cgroup_cpu_quota()}", flush=True)
+
+        def jobs_alone(number: int, count: int = 24) -> float:
+            def one(index: int) -> None:
+                result = detector.decide(amap)
+                row_ = predict_module.score_row("bench.png", result, detector.threshold, detector.image_threshold)
+                predict_module.write_outputs(outside / "jobs", Path(f"bench{index}"), image, result, row_)
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(number) as pool:
+                list(pool.map(one, range(count)))
+            return count / (time.perf_counter() - started)
+
+        for number in (1, 4, 8, 16):
+            row(f"  writers' jobs alone in {number} threads, no map computed", f"{jobs_alone(number):.1f}", "jobs/s")
+        import zlib
+
+        import ssimae.png as png_module
+
+        deflate, png_module.deflate = png_module.deflate, zlib
+        row("  one writer's job alone, PNGs deflated by the standard library's zlib instead of "
+            f"{deflate.__name__}", f"{jobs_alone(1, 6):.1f}", "jobs/s")
+        timed("PNGs deflated by the standard library's zlib")
+        png_module.deflate = deflate
         for number in (4, 12):
             predict_module.WRITERS = number
             timed(f"{number} writer threads instead of {writers}")

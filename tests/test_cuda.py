@@ -13,10 +13,12 @@ from conftest import texture_batch, tiny_config
 
 from ssimae.checkpoint import Checkpoint
 from ssimae.config import Config
+from ssimae.fused_ssim import fused_available, fused_ssim_residual
 from ssimae.graphs import EAGER_STEPS_BEFORE_RECORDING, GraphedBatches, portable_optimizer_state
 from ssimae.inference import sliding_window, torch_patch_fn
 from ssimae.losses import l2_loss, make_loss
 from ssimae.models import ConvAutoencoder
+from ssimae.ssim import ssim_residual
 from ssimae.train import eager_step, fit, graphed_step, train_one_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -167,3 +169,27 @@ def test_every_reconstruction_method_trains_on_the_gpu(tmp_path, mvtec_root):
             tmp_path / method, progress=False)
         network = Checkpoint.load(tmp_path / method / "checkpoint.pt").network()
         assert all(torch.isfinite(p).all() for p in network.parameters())
+
+
+@pytest.mark.parametrize("channels, data_range", [(1, 1.0), (3, 1.0), (1, 0.3)])
+def test_fused_ssim_map_equals_the_plain_one(channels, data_range):
+    assert fused_available(CUDA)  # torch's CUDA build compiles the jiterator kernels
+    torch.manual_seed(channels)
+    x = torch.rand(40, channels, 128, 128, device=CUDA) * 0.2 + 0.4
+    y = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    y[:5] = y[:5].mean(dim=(2, 3), keepdim=True)  # flat reconstructions, as a collapsed SSIM-AE gives
+    plain = ssim_residual(x, y, data_range=data_range)
+    fused = fused_ssim_residual(x, y, data_range=data_range)
+    assert fused.shape == plain.shape == (40, 1, 128, 128)
+    torch.testing.assert_close(fused, plain, atol=2e-5, rtol=0)
+    with_tf32 = fused_ssim_residual(x, y, data_range=data_range, tf32_filter=True)
+    assert (with_tf32 - plain).abs().max().item() < 5e-3  # TF32: 10 mantissa bits in the filter products
+    assert not torch.backends.cuda.matmul.allow_tf32  # the switch is restored after the filter
+
+
+def test_inference_on_cuda_uses_the_fused_map_and_matches_the_cpu():
+    model = ConvAutoencoder(1, 16).eval()
+    x = texture_batch(12, seed=5)
+    on_cpu = torch_patch_fn(copy.deepcopy(model), "ssim", device="cpu")(x)
+    on_cuda = torch_patch_fn(copy.deepcopy(model), "ssim", device=CUDA, precision="fp32", graph_batch=16)(x)
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-4, rtol=0)

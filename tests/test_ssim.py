@@ -189,3 +189,18 @@ def test_data_range_scales_the_constants_as_skimage_does():
     crop = (slice(BORDER, -BORDER), slice(BORDER, -BORDER))
     np.testing.assert_allclose(ours[crop], reference[crop], atol=1e-4)
     assert ours[crop].mean() < ssim_map(_nchw(a), _nchw(b))[0, 0].numpy()[crop].mean() - 0.1
+
+
+def test_fused_map_is_declined_off_cuda_and_when_its_check_fails(monkeypatch, caplog):
+    import ssimae.fused_ssim as fused
+
+    monkeypatch.setattr(fused, "_kernels", None)
+    monkeypatch.setattr(fused, "_verified", {})
+    assert not fused.fused_available(torch.device("cpu"))  # the CPU keeps ssim.ssim_residual
+    assert fused._kernels is None  # not even tried
+    if torch.cuda.is_available():  # a GPU machine runs the check for real (tests/test_cuda.py)
+        return
+    with caplog.at_level("INFO", logger="ssimae.fused_ssim"):
+        assert not fused.fused_available(torch.device("cuda"))  # the check fails: no CUDA here
+    assert fused._kernels is False and "using the plain path" in caplog.text
+    assert not fused.fused_available(torch.device("cuda:1"))  # decided once per process

@@ -16,6 +16,7 @@ from scipy import ndimage
 from .data import pad_to_min_size
 from .devices import cudnn_autotune, resolve_precision, tf32
 from .errors import SsimaeError
+from .fused_ssim import fused_available, fused_ssim_residual
 from .graphs import GraphedBatches
 from .losses import SsimSettings, reconstruction, residual_map
 
@@ -154,7 +155,9 @@ def torch_patch_fn(
 
     `residual` is 'ssim' or 'l2'. Puts `model` in eval mode and channels_last (NHWC) memory format,
     in place (NHWC is faster with oneDNN and what CUDA tensor cores want; bench/README.md).
-    precision 'bf16' runs the network under bf16 autocast; the residual is computed in fp32.
+    precision 'bf16' runs the network under bf16 autocast; the residual is computed in fp32. On CUDA the
+    1 - SSIM map runs as two fused kernels (fused_ssim.py), its Gaussian filter in TF32 unless precision
+    is fp32.
     On CPU the patches go through in micro-batches of INFER_MICRO_BATCH. On CUDA, with `graph_batch`,
     batches of up to that many patches replay one CUDA graph (graphs.GraphedBatches; the network is small
     enough that launching its kernels one by one costs more than running them), and cuDNN picks its
@@ -165,6 +168,7 @@ def torch_patch_fn(
     device = torch.device(device)
     resolved = resolve_precision(precision, device, "infer")
     bf16 = resolved == "bf16"
+    fused = residual == "ssim" and ssim.alpha == ssim.beta == ssim.gamma == 1.0 and fused_available(device)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # no autocast weight-cast cache: nothing is reused within one call, and a graph may not keep it
@@ -173,6 +177,8 @@ def torch_patch_fn(
         x_hat = reconstruction(output).float().contiguous()  # (n, C, P, P), fp32, NCHW
         if outputs == "reconstruction":
             return x_hat
+        if fused:  # CUDA: the same map in two kernels around the filter, TF32 products unless fp32 is asked
+            return fused_ssim_residual(x, x_hat, ssim.window, ssim.sigma, ssim.data_range, resolved != "fp32")
         return residual_map(residual, x, x_hat, ssim)
 
     graphed = GraphedBatches(run, graph_batch, device) if graph_batch and device.type == "cuda" else None
