@@ -187,9 +187,23 @@ def test_fused_ssim_map_equals_the_plain_one(channels, data_range):
     assert not torch.backends.cuda.matmul.allow_tf32  # the switch is restored after the filter
 
 
-def test_inference_on_cuda_uses_the_fused_map_and_matches_the_cpu():
+def test_inference_on_cuda_uses_the_fused_map_and_matches_the_cpu(monkeypatch):
+    import ssimae.inference as inference
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("tf32_filter", args[5] if len(args) > 5 else None))
+        return fused_ssim_residual(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "fused_ssim_residual", counted)
     model = ConvAutoencoder(1, 16).eval()
     x = texture_batch(12, seed=5)
     on_cpu = torch_patch_fn(copy.deepcopy(model), "ssim", device="cpu")(x)
-    on_cuda = torch_patch_fn(copy.deepcopy(model), "ssim", device=CUDA, precision="fp32", graph_batch=16)(x)
-    torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-4, rtol=0)
+    assert not calls
+    for graph_batch in (None, 16):  # eager, and replayed from a graph (12 patches: padded to the graph's 16)
+        on_cuda = torch_patch_fn(copy.deepcopy(model), "ssim", device=CUDA, precision="fp32", graph_batch=graph_batch)(x)
+        torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-4, rtol=0)
+    assert calls and set(calls) == {False}  # fp32: strict filter products
+    torch_patch_fn(copy.deepcopy(model), "ssim", device=CUDA, precision="bf16")(x)
+    assert calls[-1] is True  # bf16: TF32 filter products
