@@ -298,29 +298,25 @@ def section_predict(device: torch.device, count: int, side: int, batches: tuple[
             row(f"  {label}", f"{count / (time.perf_counter() - started):.1f}", "images/s, default batch")
 
         image, amap = images[0], detector.anomaly_map(images[0])
-        started = time.perf_counter()
-        for _ in range(3):
+
+        def writer_job(index: int) -> None:  # what each of predict's writers does per image, on one map
             result = detector.decide(amap)
             row_ = predict_module.score_row("bench.png", result, detector.threshold, detector.image_threshold)
-            predict_module.write_outputs(outside / "job", Path("bench"), image, result, row_)
-        job = (time.perf_counter() - started) / 3
+            predict_module.write_outputs(outside / "jobs", Path(f"bench{index}"), image, result, row_)
+
+        def jobs_alone(number: int, count: int = 24) -> float:
+            """Writer jobs per second in `number` threads, no map computed beside them."""
+            started = time.perf_counter()
+            with ThreadPoolExecutor(number) as pool:
+                list(pool.map(writer_job, range(count)))
+            return count / (time.perf_counter() - started)
+
+        job = 1 / jobs_alone(1, 3)
         writers, write_outputs = predict_module.WRITERS, predict_module.write_outputs
         row("  one writer's job alone (decide, TIFF, mask, overlay)", f"{job * 1000:.0f} ms",
             f"{writers} writers: at most {writers / job:.0f} images/s if they ran in parallel")
         print(f"  CPUs: os.cpu_count() {os.cpu_count()}, usable by this process {len(os.sched_getaffinity(0))}, "
               f"cgroup quota {cgroup_cpu_quota()}", flush=True)
-
-        def jobs_alone(number: int, count: int = 24) -> float:
-            def one(index: int) -> None:
-                result = detector.decide(amap)
-                row_ = predict_module.score_row("bench.png", result, detector.threshold, detector.image_threshold)
-                predict_module.write_outputs(outside / "jobs", Path(f"bench{index}"), image, result, row_)
-
-            started = time.perf_counter()
-            with ThreadPoolExecutor(number) as pool:
-                list(pool.map(one, range(count)))
-            return count / (time.perf_counter() - started)
-
         for number in (1, 4, 8, 16):
             row(f"  writers' jobs alone in {number} threads, no map computed", f"{jobs_alone(number):.1f}", "jobs/s")
         import zlib

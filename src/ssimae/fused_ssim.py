@@ -51,6 +51,7 @@ template <typename T> T one_minus_ssim(T mu_a, T mu_b, T aa, T bb, T ab, T centr
 """
 
 _kernels = None  # (moments, residual) once made; False after a failure: the plain path is used then
+_verified: dict[torch.device, bool] = {}  # fused_available's answer per device, once checked
 
 
 def _make_kernels():
@@ -96,9 +97,6 @@ def fused_available(device: torch.device) -> bool:
         if not _verified[device]:
             _kernels = False
     return _verified[device]
-
-
-_verified: dict[torch.device, bool] = {}
 
 
 def _verify(device: torch.device) -> bool:

@@ -52,5 +52,5 @@ def encode_png(array: np.ndarray) -> bytes:
     filtered[0, 1:] = rows[0]  # the row above the first is taken as zeros
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps modulo 256, as PNG's filter does
     header = struct.pack(">IIBBBBB", width, height, 8, COLOUR_TYPES[channels], 0, 0, 0)
-    return b"".join((SIGNATURE, _chunk(b"IHDR", header),
-                     _chunk(b"IDAT", deflate.compress(filtered.data, COMPRESSION_LEVEL[deflate.__name__])), _chunk(b"IEND", b"")))
+    data = deflate.compress(filtered.data, COMPRESSION_LEVEL[deflate.__name__])
+    return b"".join((SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", data), _chunk(b"IEND", b"")))
