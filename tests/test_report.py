@@ -146,3 +146,43 @@ def test_the_floor_sentence_explains_an_ssim_ae_below_the_floor_by_its_fidelity(
     results["results"]["ssim-ae"]["metrics"]["au_pro"] = 0.7  # above the floor: nothing to explain
     assert floor_sentence(results) == "Below the no-network floor (blur, AU-PRO 0.600): l2-ae. Their maps find " \
         "less than a filter residual does on these images."
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda saved: saved.pop("results"), "missing 'results'"),
+    (lambda saved: saved["results"]["vae"]["metrics"].pop("au_pro"), "missing 'au_pro'"),
+    (lambda saved: saved["results"].pop("vae"), "missing 'vae'"),
+    (lambda saved: saved.update(methods="vae"), "incomplete or damaged"),
+])
+def test_incomplete_saved_results_are_one_clear_error_and_leave_the_old_report(tmp_path, damage, named):
+    run = fake_run(tmp_path, ["ssim-ae", "vae", "blur"])
+    write_report(run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    saved = json.loads((run / "metrics.json").read_text())
+    damage(saved)
+    (run / "metrics.json").write_text(json.dumps(saved))
+    with pytest.raises(SsimaeError, match="incomplete or damaged") as info:
+        write_report(run)
+    assert named in str(info.value) and "rerun `ssimae compare" in str(info.value)
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "metrics.json"}
+    assert after == {p: b for p, b in before.items() if p.name != "metrics.json"}  # nothing rewritten
+
+
+def test_curves_without_a_method_are_named(tmp_path):
+    run = fake_run(tmp_path, ["ssim-ae", "blur"])
+    curves = dict(np.load(run / "curves.npz"))
+    del curves["blur.roc_fpr"]
+    save_npz(run / "curves.npz", **curves)
+    with pytest.raises(SsimaeError, match="missing 'blur.roc_fpr'"):
+        write_report(run)
+
+
+def test_saved_files_that_are_not_what_they_claim_are_named(tmp_path):
+    run = fake_run(tmp_path, ["ssim-ae"])
+    (run / "curves.npz").write_text("just text\n")
+    with pytest.raises(SsimaeError, match="curves.npz is damaged") as info:
+        write_report(run)
+    assert "allow_pickle" not in str(info.value)  # numpy's advice is wrong for a foreign file
+    (run / "metrics.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(SsimaeError, match="metrics.json is not valid JSON \\(not UTF-8 text\\)"):
+        write_report(run)

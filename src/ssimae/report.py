@@ -63,8 +63,9 @@ def load_results(run_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
         raise SsimaeError(f"{run_dir} has no saved comparison results ({path.name} is missing); {fix}")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise SsimaeError(f"{path} is not valid JSON ({error}); {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = error if isinstance(error, json.JSONDecodeError) else "not UTF-8 text"
+        raise SsimaeError(f"{path} is not valid JSON ({reason}); {fix}") from None
     if not isinstance(results, dict) or results.get("format") != FORMAT:
         raise SsimaeError(f"{path} is not the result of `ssimae compare` (format {FORMAT}); {fix}")
     curves_path = run_dir / "curves.npz"
@@ -79,7 +80,9 @@ def read_npz(path: Path, fix: str) -> dict[str, np.ndarray]:
         with np.load(path) as data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise SsimaeError(f"{path} is damaged ({error.__class__.__name__}: {error}); {fix}") from None
+        # numpy's advice to pass allow_pickle=True is wrong for a damaged or foreign file: keep the reason only
+        reason = str(error).split(". ")[0] if "allow_pickle" in str(error) else str(error)
+        raise SsimaeError(f"{path} is damaged ({error.__class__.__name__}: {reason}); {fix}") from None
 
 
 def load_arrays(run_dir: Path, relative: str) -> dict[str, np.ndarray]:
@@ -249,14 +252,10 @@ def plot_example(arrays: dict[str, np.ndarray], example: dict) -> Figure:
     return figure
 
 
-def save_figure(figure: Figure, path: Path) -> bytes:
-    """Write the figure as PNG (atomically) and return its bytes."""
+def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
-    data = buffer.getvalue()
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return data
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- HTML
@@ -522,16 +521,34 @@ def html_page(results: dict, run_dir: Path, figures: dict[str, bytes]) -> str:
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
-    """(Re)write metrics.md, metrics.csv, roc.png, pro.png, examples/*.png and report.html; returns the HTML path."""
+    """(Re)write metrics.md, metrics.csv, roc.png, pro.png, examples/*.png and report.html; returns the HTML path.
+
+    Everything is rendered before anything is written, so saved results that turn out incomplete
+    leave the earlier report as it was."""
     run_dir = Path(run_dir)
     results, curves = load_results(run_dir)
-    atomic_write_text(run_dir / "metrics.md", metrics_markdown(results))
-    atomic_write_text(run_dir / "metrics.csv", metrics_csv(results))
-    figures = {"roc.png": save_figure(plot_roc(results, curves), run_dir / "roc.png"),
-               "pro.png": save_figure(plot_pro(results, curves), run_dir / "pro.png")}
+    try:
+        files = render_report(results, curves, run_dir)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        what = f"missing {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+        raise SsimaeError(f"the saved results in {run_dir} (metrics.json, curves.npz) are incomplete or damaged "
+                          f"({what}); rerun `ssimae compare DATASET --output {run_dir}`") from None
+    for name, content in files.items():
+        if isinstance(content, str):
+            atomic_write_text(run_dir / name, content)
+        else:
+            with atomic_path(run_dir / name) as tmp:
+                tmp.write_bytes(content)
+    return run_dir / "report.html"
+
+
+def render_report(results: dict, curves: dict[str, np.ndarray], run_dir: Path) -> dict[str, str | bytes]:
+    """Every file of the report, by name relative to run_dir: text for tables and HTML, bytes for figures."""
+    files: dict[str, str | bytes] = {"metrics.md": metrics_markdown(results), "metrics.csv": metrics_csv(results)}
+    figures = {"roc.png": png_bytes(plot_roc(results, curves)), "pro.png": png_bytes(plot_pro(results, curves))}
     for example in results["examples"]:
         arrays = load_arrays(run_dir, example["file"])
-        figures[example["figure"]] = save_figure(plot_example(arrays, example), run_dir / example["figure"])
-    path = run_dir / "report.html"
-    atomic_write_text(path, html_page(results, run_dir, figures))
-    return path
+        figures[example["figure"]] = png_bytes(plot_example(arrays, example))
+    files.update(figures)
+    files["report.html"] = html_page(results, run_dir, figures)
+    return files
