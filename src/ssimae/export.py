@@ -139,14 +139,30 @@ def require_onnx() -> None:
         raise SsimaeError(f"ONNX support needs onnx and onnxruntime ({error}); pip install 'ssimae[onnx]'") from None
 
 
+def newest_opset() -> int | None:
+    """The newest opset torch's TorchScript-based exporter supports (None if this torch does not say)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    return getattr(_constants, "ONNX_MAX_OPSET", None)
+
+
 def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, opset: int = OPSET) -> Path:
     """Write the ONNX model of a checkpoint to `output` (atomically); returns the path."""
     require_onnx()
     if opset < 17:
         raise SsimaeError(f"opset {opset} is too old; use 17 or newer")
+    newest = newest_opset()
+    if newest is not None and opset > newest:  # checked here: the exporter prints its whole graph before failing
+        raise SsimaeError(f"opset {opset} is newer than this torch can export (up to {newest}); "
+                          f"use {OPSET}, the default")
     output = Path(output)
     if output.is_dir():
         raise SsimaeError(f"--output {output} is a folder; give the model's file name, e.g. {output / 'model.onnx'}")
+    if output.suffix.lower() != ".onnx":  # predict tells an exported model from a checkpoint by this suffix
+        raise SsimaeError(f"--output {output}: an exported model's name must end in .onnx, "
+                          f"e.g. {output.with_suffix('.onnx')}")
     model = Checkpoint.load(checkpoint)
     if model.thresholds is None:
         log.warning("%s has no threshold (its training did not finish): predicting with the export will need "
