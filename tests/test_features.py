@@ -168,7 +168,7 @@ def test_cut_out_of_range(cut):
 
 
 def test_torchvision_name_needs_weights_path():
-    with pytest.raises(SsimaeError, match="weights_path"):
+    with pytest.raises(SsimaeError, match="--feature-weights"):
         build_feature_extractor("resnet18")
 
 

@@ -7,6 +7,7 @@ line built in a temp folder, and a fragment its one-line error must contain.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -111,7 +112,7 @@ BAD_INPUTS = [
      "incomplete or damaged (missing 'weights')"),
     ("checkpoint-wrong-shapes", "a checkpoint whose weights have other shapes",
      lambda t, ck, data: ["predict", _checkpoint_with_wrong_shapes(ck, t / "c.pt"), data / "test", "--output", t / "o"],
-     "weights do not fit"),
+     "size mismatch for"),
     ("checkpoint-crafted", "a crafted checkpoint that would run code when unpickled",
      lambda t, ck, data: ["predict", _crafted_checkpoint(ck, t / "c.pt"), data / "test", "--output", t / "o"],
      "unsupported GLOBAL"),
@@ -127,6 +128,30 @@ BAD_INPUTS = [
     ("resume-changed-model", "`--resume` with a changed model setting",
      lambda t, ck, data: ["train", data, "--output", _run_copy(ck, t / "run"), "--resume", *TINY_FLAGS,
                           "--latent-dim", "16"], "latent_dim differ"),
+    ("output-refuses-files", "`--output` a folder that refuses new files (/proc)",
+     lambda t, ck, data: ["evaluate", ck, data, "--output", "/proc"],
+     "the output folder /proc does not accept new files"),
+    ("mask-wrong-size", "a ground-truth mask of another size than its image",
+     lambda t, ck, data: ["compare", _with_a_resized_mask(data, t / "data"), "--output", t / "cmp", "--methods",
+                          "ssim-ae", *TINY_FLAGS], "masks must have their image's size"),
+    ("config-bad-type", "a value of the wrong type in the `--config` file, with the flag also typed",
+     lambda t, ck, data: ["train", data, "--output", t / "run", "--config", _bytes(t / "c.yaml", b"max-steps: many\n"),
+                          *TINY_FLAGS], "c.yaml: max_steps must be empty or int, got 'many'"),
+    ("config-out-of-range", "a value out of range in the `--config` file",
+     lambda t, ck, data: ["train", data, "--output", t / "run", "--config", _bytes(t / "c.yaml", b"epochs: 0\n"),
+                          *TINY_FLAGS], "c.yaml: epochs must be at least 1, got 0"),
+    ("config-not-yaml", "`--config` is not valid YAML",
+     lambda t, ck, data: ["train", data, "--output", t / "run", "--config",
+                          _bytes(t / "c.yaml", b"stride: 16\nlatent-dim: [8\n"), *TINY_FLAGS],
+     "is not valid YAML, line"),
+    ("latent-dim-huge", "`--latent-dim 1000000000`",
+     lambda t, ck, data: ["train", data, "--output", t / "run", *TINY_FLAGS, "--latent-dim", "1000000000"],
+     "--latent-dim 1000000000 is larger than 16,384"),
+    ("resume-nothing", "`--resume` where no run was started",
+     lambda t, ck, data: ["train", data, "--output", t / "run", "--resume", *TINY_FLAGS], "nothing to resume"),
+    ("feature-weights-missing", "`--feature-net vgg16` without a weights file",
+     lambda t, ck, data: ["train", data, "--output", t / "run", "--method", "fm-ae", "--feature-net", "vgg16",
+                          *TINY_FLAGS], "needs --feature-weights"),
     ("unknown-flag", "a mistyped flag",
      lambda t, ck, data: ["train", data, "--output", t / "run", "--strid", "4", *TINY_FLAGS],
      "unrecognized arguments: --strid"),
@@ -144,6 +169,14 @@ def _file(path: Path) -> Path:
 def _bytes(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def _with_a_resized_mask(data: Path, copy: Path) -> Path:
+    shutil.copytree(data, copy)
+    mask = next(copy.glob("ground_truth/*/*_mask.png"))
+    with Image.open(mask) as image:
+        image.resize((image.width + 4, image.height)).save(mask)
+    return copy
 
 
 def _run_copy(checkpoint: Path, run: Path) -> Path:
@@ -331,3 +364,86 @@ def test_a_refused_atomic_write_names_the_target_not_its_temp_file(tmp_path):
             tmp.write_bytes(b"data")
     assert info.value.filename == str(target)
     assert tmp_files(tmp_path) == []
+
+
+def test_a_folder_refusing_the_temp_file_names_the_target(tmp_path, monkeypatch):
+    from ssimae.files import atomic_path
+
+    def refuse(dir, prefix, suffix):
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / f"{prefix}abc{suffix}"))
+
+    monkeypatch.setattr("ssimae.files.tempfile.mkstemp", refuse)
+    with pytest.raises(OSError) as info:
+        with atomic_path(tmp_path / "metrics.json"):
+            pass
+    assert info.value.filename == str(tmp_path / "metrics.json")
+
+
+def test_an_unknown_option_after_a_command_points_at_that_commands_help(mvtec_root, tmp_path, capsys):
+    line = one_line_error(capsys, ["train", mvtec_root, "--output", tmp_path / "run", "--strid", "4"])
+    assert "see `ssimae train --help`" in line, line
+
+
+def test_a_checkpoint_save_that_fails_is_one_line_naming_the_file(mvtec_root, tmp_path, capsys, monkeypatch):
+    def full_disk(obj, path):  # what torch's zip writer raises when a write fails part-way
+        Path(path).write_bytes(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr("ssimae.checkpoint.torch.save", full_disk)
+    line = one_line_error(capsys, ["train", mvtec_root, "--output", tmp_path / "run", *TINY_FLAGS])
+    assert f"cannot write the checkpoint {tmp_path / 'run' / 'checkpoint.pt'}" in line and "disk may be full" in line
+    assert tmp_files(tmp_path) == [] and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_full_disk_names_the_file_and_says_to_free_space(checkpoint_path, mvtec_root, tmp_path, capsys, monkeypatch):
+    def no_space(self, *args, **kwargs):  # a full disk: the error carries no file name
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    line = one_line_error(capsys, ["evaluate", checkpoint_path, mvtec_root, "--output", tmp_path / "eval", "--quiet"])
+    assert f"{tmp_path / 'eval' / 'metrics.json'}: No space left on device; free some space" in line, line
+    assert tmp_files(tmp_path) == []
+
+
+def test_running_out_of_memory_is_a_user_error_with_what_to_lower(monkeypatch, capsys):
+    from ssimae import cli
+
+    def allocate(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 400000000000 bytes.")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", allocate)
+    line = one_line_error(capsys, ["report", "somewhere"])
+    assert "out of memory" in line and "--batch-size" in line, line
+
+
+def test_a_bug_is_still_a_traceback(monkeypatch):
+    from ssimae import cli
+
+    def broken(args):
+        raise RuntimeError("an internal invariant failed")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", broken)
+    with pytest.raises(RuntimeError, match="internal invariant"):
+        main(["report", "somewhere"])
+
+
+def test_a_failed_evaluate_leaves_no_folder_it_made(checkpoint_path, tmp_path, mvtec_root, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(mvtec_root, data)
+    damaged = next(data.glob("test/good/*.png"))
+    damaged.write_bytes(b"not an image")  # found only when the maps are computed, after the folder is made
+    line = one_line_error(capsys, ["evaluate", checkpoint_path, data, "--output", tmp_path / "eval", "--quiet"])
+    assert damaged.name in line
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluating_on_good_images_only_says_which_figures_are_undefined(checkpoint_path, mvtec_root, tmp_path,
+                                                                           capsys):
+    data = tmp_path / "data"
+    shutil.copytree(mvtec_root / "test" / "good", data / "test" / "good")
+    code = main([str(a) for a in ["evaluate", checkpoint_path, data, "--output", tmp_path / "eval"]])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "only good images" in err and "nan" not in out
+    assert "n/a" in out.splitlines()[2] and "good images flagged" in out

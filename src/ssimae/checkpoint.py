@@ -88,7 +88,11 @@ class Checkpoint:
 
     def save(self, path: str | os.PathLike) -> None:
         with atomic_path(path) as tmp:
-            torch.save(self.to_dict(), tmp)
+            try:
+                torch.save(self.to_dict(), tmp)
+            except RuntimeError as error:  # torch's zip writer reports a failed write so, not as an OSError
+                raise SsimaeError(f"cannot write the checkpoint {path} ({_describe(error)}); the disk may be full "
+                                  "or the folder not writable: free some space or choose another --output") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Checkpoint":
@@ -240,7 +244,10 @@ def _finite(value: Any) -> float:
 
 
 def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]  # torch's heading; the next line says which weight does not fit and how
+    text = lines[0] if lines else ""
     if isinstance(error, KeyError):
         return f"missing {text}"
     return (text[:200] + "...") if len(text) > 200 else (text or type(error).__name__)

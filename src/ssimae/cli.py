@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import inspect
 import logging
 import re
@@ -35,6 +36,16 @@ class _Parser(argparse.ArgumentParser):
         """argparse's usage errors on one line, like every other user error."""
         where = "" if self.prog == "ssimae" else f"{self.prog}: "  # the top parser's name is the prefix already
         self.exit(2, f"ssimae: error: {where}{message}; see `{self.prog} --help`\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's own, except that an unknown option after a command is that command's error, with
+        its help to see (argparse leaves the extras to the top parser, which names only itself)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            owner = commands.get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _without_abbreviations(add_parser):
@@ -119,7 +130,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
         config = load_config(args.config, config)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
-    return config_from_dict(overrides, config, source="command line").validate()
+    try:
+        return config_from_dict(overrides, config, source="command line").validate()
+    except SettingError as error:
+        if error.setting in overrides or not getattr(args, "config", None):
+            raise
+        # Not typed, so from the YAML file (presets hold valid values): name the file to edit.
+        raise SettingError(error.setting, f"config file {args.config}: {error}", source=str(args.config)) from None
 
 
 def inference_overrides(args: argparse.Namespace) -> dict:
@@ -294,12 +311,19 @@ def _setting_message(error: SettingError, args: argparse.Namespace) -> str:
     """The error text with the setting's name replaced by the flag the user typed for it."""
     text = str(error)
     flag = (getattr(args, TYPED, None) or {}).get(error.setting)
-    if flag is None:
+    if flag is None or error.source is not None:  # a value from a file is named as the file spells it
         return text
     for spelling in (error.setting, error.setting.replace("_", " ")):
         if spelling in text:
             return text.replace(spelling, flag, 1)
     return f"{flag}: {text}"
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, torch's OutOfMemoryError (CUDA) or its CPU allocator's error."""
+    text = str(error)
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,13 +359,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as error:  # the file system refused: read-only, full disk, a file where a folder should be
         where = f" {error.filename}" if error.filename else ""
-        print(f"ssimae: error: cannot write or read{where}: {error.strerror or error}; "
-              "check the path and its permissions", file=sys.stderr)
+        fix = "free some space on its disk" if error.errno == errno.ENOSPC else "check the path and its permissions"
+        print(f"ssimae: error: cannot write or read{where}: {error.strerror or error}; {fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ssimae: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
+        if _out_of_memory(error):  # settings too large for this machine: a user error, not a bug
+            reason = str(error).splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            print(f"ssimae: error: out of memory ({reason}); use a smaller --batch-size, --infer-batch-size "
+                  "or --image-size", file=sys.stderr)
+            return 2
         if not distributed.lost_contact(error):
             raise  # a bug: the traceback is what a report needs
         print(f"ssimae: error: rank {rank.rank}: lost contact with the other processes ({str(error).splitlines()[0]}); "

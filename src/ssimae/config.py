@@ -174,6 +174,9 @@ class Config:
                      "patchcore_neighbourhood", "memory_bank_size", "coreset_projection", "coreset_pool"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SettingError(name, f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.latent_dim > MAX_LATENT_DIM:  # see MAX_LATENT_DIM
+            raise SettingError("latent_dim", f"latent_dim {self.latent_dim} is larger than {MAX_LATENT_DIM:,}; "
+                               "the paper uses 100")
         if self.patchcore_neighbourhood % 2 == 0:  # an even window has no centre cell: it would shift the features
             raise SettingError("patchcore_neighbourhood",
                                f"patchcore_neighbourhood {self.patchcore_neighbourhood} must be odd, e.g. 3")
@@ -222,6 +225,10 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# The largest latent size: at 16,384 each layer next to the code holds 134 MB of fp32 weights (32 x 8 x 8 x d),
+# and training with Adam triples that; a typo such as 1000000000 fails here, not in an allocation.
+MAX_LATENT_DIM = 16_384
 
 # The smallest working side image_size may ask for: the deepest PatchCore features have a stride of 32, and
 # a smaller image says nothing any method here can read.
@@ -304,7 +311,7 @@ def _coerce(name: str, value, source: str):
     elif kind is str and isinstance(value, (str, int)) and not isinstance(value, bool):
         return str(value)
     raise SettingError(name, f"{source}: {name} must be {'' if not optional else 'empty or '}{kind.__name__}, "
-                             f"got {value!r}")
+                             f"got {value!r}", source=None if source == "command line" else source)
 
 
 def preset_config(name: str | None) -> Config:
@@ -347,11 +354,14 @@ def load_config(path: str | os.PathLike, base: Config | None = None) -> Config:
     except OSError as error:
         raise SsimaeError(f"cannot read config file {path}: {error.strerror or error}") from None
     except yaml.YAMLError as error:
-        raise SsimaeError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SsimaeError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
         raise SsimaeError(f"config file {path} must hold key: value pairs")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    return config_from_dict(values, base, source=str(path))
+    return config_from_dict(values, base, source=f"config file {path}")
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

@@ -72,12 +72,20 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 def image_pixels(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     """Width x height of an image file, from its header where Pillow can read one (read_image's size)."""
+    size = header_size(path)
+    if size is None:  # read_image names what is wrong with the file, or reads what the header did not tell
+        size = read_image(path, max_pixels).shape[:2]
+    return size[0] * size[1]
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(H, W) of an image file from its header, without decoding; None where Pillow cannot tell
+    (read_image then names what is wrong when the image is read)."""
     try:
         with Image.open(path) as image:
-            return image.width * image.height
-    except Exception:  # read_image names what is wrong with the file, or reads what the header did not tell
-        height, width = read_image(path, max_pixels).shape[:2]
-        return height * width
+            return image.height, image.width
+    except Exception:
+        return None
 
 
 def _pil_to_array(image: Image.Image, path: Path) -> np.ndarray:
@@ -288,10 +296,17 @@ def check_test_masks(items: list[TestItem], max_pixels: int = DEFAULT_MAX_PIXELS
     the mask, so they count as good) or when the masks mark most of their images (inverted masks)."""
     defective = [item for item in items if item.mask_path is not None]
     if not defective:
+        log.warning("the test split has only good images: pixel AUROC, AU-PRO and image AUROC need defect images "
+                    "(test/<defect>/ with masks in ground_truth/<defect>/) and are n/a; the false alarms on good "
+                    "images are measured")
         return
     empty, coverage = [], []
     for item in defective:
-        mask = read_mask(item.mask_path, max_pixels)  # its size is checked with its image's
+        mask = read_mask(item.mask_path, max_pixels)
+        size = header_size(item.path)
+        if size is not None and mask.shape != size:  # found now, not after a training
+            raise SsimaeError(f"mask {item.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                              f"{size[1]}x{size[0]} (WxH); masks must have their image's size")
         coverage.append(float(mask.mean()))
         if not mask.any():
             empty.append(item.mask_path)

@@ -112,14 +112,16 @@ def format_table(metrics: dict) -> str:
     lines = [header, "-" * len(header)]
 
     def row(name, images, m):
-        return f"{name:<16}{images:>8}{m['pixel_auroc']:>13.4f}{m['au_pro']:>12.4f}{m['image_auroc']:>13.4f}"
+        figures = _text(m["pixel_auroc"]), _text(m["au_pro"]), _text(m["image_auroc"])
+        return f"{name:<16}{images:>8}{figures[0]:>13}{figures[1]:>12}{figures[2]:>13}"
 
     lines.append(row("all", metrics["images"], metrics))
     for defect, m in metrics["per_defect_type"].items():
         lines.append(row(defect, m["images"], m))
     if metrics.get("threshold") is not None:
         m = metrics
-        lines.append(f"pixels at threshold {m['threshold']:.5g}: F1 {m['pixel_f1']:.4f} (F1-max {m['pixel_f1_max']:.4f}), "
+        lines.append(f"pixels at threshold {m['threshold']:.5g}: F1 {m['pixel_f1']:.4f} "
+                     f"(F1-max {_text(m['pixel_f1_max'])}), "
                      f"precision {_text(m['pixel_precision'])}, recall {_text(m['pixel_recall'])}")
         margin = f", without the outer {m['image_score_margin']:.3g} of the map" if m.get("image_score_margin") else ""
         lines.append(f"images ({m['image_score']} score{margin}): accuracy {m['image_accuracy']:.4f} "
@@ -148,9 +150,15 @@ def evaluate(detector: Detector, dataset: str | os.PathLike, output_dir: str | o
     """Evaluate a detector on a dataset's test split; write metrics.json (and maps/ if asked).
     `threshold` replaces the detector's for the figures at the threshold."""
     check_test_masks(find_test_items(dataset), detector.config.max_image_pixels)  # a bad layout or ground truth fails before any work
+    made = not Path(output_dir).exists()
     output_dir = output_folder(output_dir)
-    maps_dir = output_dir / "maps" if save_maps else None
-    test = compute_test_maps(detector, dataset, progress, maps_dir)
-    metrics = metrics_of(test, detector, threshold=threshold)
-    write_metrics(metrics, output_dir)
+    try:
+        maps_dir = output_dir / "maps" if save_maps else None
+        test = compute_test_maps(detector, dataset, progress, maps_dir)
+        metrics = metrics_of(test, detector, threshold=threshold)
+        write_metrics(metrics, output_dir)
+    except BaseException:
+        if made and not any(output_dir.iterdir()):  # a failed run leaves no empty folder it made
+            output_dir.rmdir()
+        raise
     return metrics

@@ -150,7 +150,7 @@ def _load_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise SsimaeError(
-            f"weights file not found: {path} (pass an existing state-dict .pth file as weights_path)"
+            f"weights file not found: {path} (pass an existing state-dict .pth file as --feature-weights)"
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -219,7 +219,7 @@ def _build_torchvision(name: str, cut: int | None, weights_path: str | pathlib.P
     """The trunk and its cut; pretrained=False: the architecture only, its weights come from a checkpoint."""
     if pretrained and weights_path is None:
         raise SsimaeError(
-            f"backbone {name!r} needs weights_path: a local torchvision state-dict file "
+            f"backbone {name!r} needs --feature-weights: a local torchvision state-dict file "
             "(weights are never downloaded at run time)"
         )
     # first: a bad path is reported even without torchvision

@@ -22,8 +22,11 @@ os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success rename it to `path`, on error delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    except OSError as error:  # a read-only or missing folder: name the file the user asked for
+        raise OSError(error.errno, error.strerror, str(path)) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
     try:
@@ -31,7 +34,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as error:
         Path(tmp).unlink(missing_ok=True)
-        if error.filename == tmp or error.filename2 == str(path):  # name the user's path, not our temp file
+        # Name the user's path, not our temp file; a full disk raises with no file name at all.
+        if error.filename in (None, tmp) or error.filename2 == str(path):
             raise OSError(error.errno, error.strerror, str(path)) from None
         raise
     except BaseException:
@@ -51,6 +55,12 @@ def output_folder(path: str | os.PathLike) -> Path:
     except OSError as error:
         raise SsimaeError(f"cannot create the output folder {path}: {error.strerror or error}; "
                           "choose another --output") from None
+    try:  # a folder that exists but refuses files fails now too, not after the work
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise SsimaeError(f"the output folder {path} does not accept new files ({error.strerror or error}); "
+                          "choose another --output or fix its permissions") from None
     return path
 
 

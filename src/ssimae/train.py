@@ -267,6 +267,9 @@ def fit(
     checkpoint_path = run_dir / "checkpoint.pt"
     if run_dir.exists() and not run_dir.is_dir():
         raise SsimaeError(f"output {run_dir} is a file, not a folder; choose another --output")
+    if resume and not checkpoint_path.exists() and not checkpoint_path.is_symlink():
+        raise SsimaeError(f"nothing to resume: {checkpoint_path} does not exist; check --output, or drop --resume "
+                          "to start a new run")
     previous = Checkpoint.load(checkpoint_path) if resume else None
     if previous is not None:
         check_resumable(previous, config, checkpoint_path)
