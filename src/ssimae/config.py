@@ -174,7 +174,7 @@ class Config:
                      "patchcore_neighbourhood", "memory_bank_size", "coreset_projection", "coreset_pool"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SettingError(name, f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.latent_dim > MAX_LATENT_DIM:  # see MAX_LATENT_DIM
+        if self.latent_dim > MAX_LATENT_DIM:
             raise SettingError("latent_dim", f"latent_dim {self.latent_dim} is larger than {MAX_LATENT_DIM:,}; "
                                "the paper uses 100")
         if self.patchcore_neighbourhood % 2 == 0:  # an even window has no centre cell: it would shift the features

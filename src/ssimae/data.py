@@ -182,12 +182,17 @@ def read_mask(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
 def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     """A ground-truth mask (read_mask) that must match its image's (H, W)."""
     mask = read_mask(path, max(DEFAULT_MAX_PIXELS, shape[0] * shape[1]))
-    if mask.shape != tuple(shape):
-        raise SsimaeError(
-            f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]} (WxH); "
-            "masks must have their image's size"
-        )
+    check_mask_size(path, mask.shape, shape)
     return mask
+
+
+def check_mask_size(path: str | os.PathLike, mask_shape: tuple[int, int], image_shape: tuple[int, int]) -> None:
+    """A mask of another (H, W) than its image's is a SsimaeError naming the mask."""
+    if tuple(mask_shape) != tuple(image_shape):
+        raise SsimaeError(
+            f"mask {path} is {mask_shape[1]}x{mask_shape[0]} but its image is {image_shape[1]}x{image_shape[0]} "
+            "(WxH); masks must have their image's size"
+        )
 
 
 def pad_to_min_size(array: np.ndarray, size: int) -> np.ndarray:
@@ -304,9 +309,8 @@ def check_test_masks(items: list[TestItem], max_pixels: int = DEFAULT_MAX_PIXELS
     for item in defective:
         mask = read_mask(item.mask_path, max_pixels)
         size = header_size(item.path)
-        if size is not None and mask.shape != size:  # found now, not after a training
-            raise SsimaeError(f"mask {item.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                              f"{size[1]}x{size[0]} (WxH); masks must have their image's size")
+        if size is not None:  # found now, not after a training
+            check_mask_size(item.mask_path, mask.shape, size)
         coverage.append(float(mask.mean()))
         if not mask.any():
             empty.append(item.mask_path)
