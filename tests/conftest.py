@@ -169,10 +169,10 @@ class FakeResNet(nn.Module):
 
 @pytest.fixture
 def fake_torchvision(monkeypatch):
-    """torchvision.models.resnet18 is FakeResNet for the test."""
+    """torchvision.models.resnet18 and wide_resnet50_2 are FakeResNet for the test."""
     fake = types.ModuleType("torchvision")
     fake.models = types.ModuleType("torchvision.models")
-    fake.models.resnet18 = FakeResNet
+    fake.models.resnet18 = fake.models.wide_resnet50_2 = FakeResNet
     monkeypatch.setitem(sys.modules, "torchvision", fake)
     monkeypatch.setitem(sys.modules, "torchvision.models", fake.models)
     return fake

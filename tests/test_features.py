@@ -167,9 +167,10 @@ def test_cut_out_of_range(cut):
         build_feature_extractor(cut=cut)
 
 
-def test_torchvision_name_needs_weights_path():
-    with pytest.raises(SsimaeError, match="--feature-weights"):
-        build_feature_extractor("resnet18")
+@pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2", "resnext50_32x4d", "vgg16"])
+def test_torchvision_name_needs_weights_path(name):
+    with pytest.raises(SsimaeError, match=f"{name}.*--feature-weights"):
+        build_feature_extractor(name)
 
 
 @pytest.mark.skipif(HAS_TORCHVISION, reason="torchvision is installed")

@@ -12,6 +12,7 @@ from ssimae.blur import BlurResidual, gaussian_taps
 from ssimae.checkpoint import Checkpoint
 from ssimae.config import Config
 from ssimae.detector import load_detector
+from ssimae.errors import SettingError
 from ssimae.patchcore import (build_patchcore, default_blocks, default_image_size, greedy_coreset, image_defaults,
                               nearest_distances)
 from ssimae.train import fit
@@ -150,13 +151,14 @@ def test_the_bank_round_trips_through_the_checkpoint(planted, tmp_path):
         torch.testing.assert_close(network(x), checkpoint.network()(x))
 
 
-def test_a_resnet_patchcore_fits_and_its_checkpoint_needs_no_weights_file(fake_torchvision, tmp_path):
-    weights = tmp_path / "resnet18.pth"
+@pytest.mark.parametrize("backbone", ["resnet18", "wide_resnet50_2"])  # the latter: the PatchCore paper's
+def test_a_resnet_patchcore_fits_and_its_checkpoint_needs_no_weights_file(fake_torchvision, tmp_path, backbone):
+    weights = tmp_path / f"{backbone}.pth"
     torch.save(FakeResNet().state_dict(), weights)
     rng = np.random.default_rng(0)
     for i in range(5):
         write_png(tmp_path / "good" / f"{i}.png", texture_png(64, 64, rng, period=9))
-    config = Config(**{**SETTINGS, "image_size": "64x64", "memory_bank_size": 20}, feature_net="resnet18",
+    config = Config(**{**SETTINGS, "image_size": "64x64", "memory_bank_size": 20}, feature_net=backbone,
                     feature_weights=str(weights))
     result = fit(config, tmp_path / "good", tmp_path / "run", progress=False)
     checkpoint = Checkpoint.load(result.checkpoint)
@@ -387,3 +389,9 @@ def test_an_exported_blur_floor_takes_images_thinner_than_its_radius(tmp_path):
     for height, width in [(20, 300), (300, 20), (5, 5)]:  # the radius at sigma 8 is 32
         image = texture(height, width, rng)[:, :, None]
         np.testing.assert_allclose(onnx_detector.anomaly_map(image), torch_detector.anomaly_map(image), atol=1e-5)
+
+
+def test_a_vgg_is_refused_as_a_patchcore_backbone_naming_the_ones_accepted(tmp_path):
+    config = Config(**SETTINGS, feature_net="vgg16", feature_weights=str(tmp_path / "vgg16.pth"))
+    with pytest.raises(SettingError, match="'vgg16' cannot be a PatchCore backbone.*WideResNet"):
+        build_patchcore(config, channels=1)

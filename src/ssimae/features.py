@@ -23,8 +23,8 @@ of MBConv blocks kept after the stem.  Output for a 128x128 input:
     16    320       32      4x4
     ====  ========  ======  ==============
 
-Optional torchvision backbones (``resnet*``, ``vgg*``) load a local state-dict file; see
-:func:`build_feature_extractor`.  torchvision is imported only on that path.
+Optional torchvision backbones (``resnet*``, ``wide_resnet*``, ``resnext*``, ``vgg*``) load a local
+state-dict file; see :func:`build_feature_extractor`.  torchvision is imported only on that path.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ __all__ = [
     "extractor_for",
     "packaged_efficientnet_lite0_weights",
     "ACCEPTED_NAMES",
+    "RESNET_NAMES",
     "DEFAULT_EFFICIENTNET_CUT",
 ]
 
@@ -56,13 +57,16 @@ EFFICIENTNET_NAME = "efficientnet-lite0"
 EFFICIENTNET_NUM_BLOCKS = 16  # MBConv blocks of EfficientNet-Lite0
 DEFAULT_EFFICIENTNET_CUT = 3  # 24 channels, stride 4
 
-_RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# ResNets and their wider (WideResNet-50-2: PatchCore's own backbone) and grouped (ResNeXt) variants: the same
+# children in torchvision, so the same trunk and taps.
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
+                "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
 _VGG_NAMES = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
 # A torchvision ResNet trunk is an nn.Sequential of these children: its child i is RESNET_TRUNK[i].
 RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 DEFAULT_RESNET_CUT = 5  # conv1..layer1: stride 4 (64 ch for resnet18/34, 256 for 50+)
 
-ACCEPTED_NAMES = (EFFICIENTNET_NAME, *_RESNET_NAMES, *_VGG_NAMES)
+ACCEPTED_NAMES = (EFFICIENTNET_NAME, *RESNET_NAMES, *_VGG_NAMES)
 
 
 class FeatureExtractor(nn.Module):
@@ -207,7 +211,7 @@ def _import_torchvision_models():
 
 def _torchvision_trunk_parts(name: str, model: nn.Module) -> tuple[list[tuple[str, nn.Module]], int]:
     """(prefix, module) pairs of the feature trunk in order, and the default cut."""
-    if name.startswith("resnet"):
+    if name in RESNET_NAMES:
         return [(n, getattr(model, n)) for n in RESNET_TRUNK], DEFAULT_RESNET_CUT
     parts = [(f"features.{i}", m) for i, m in enumerate(model.features)]
     # Default: up to (not including) the third max-pool, i.e. through relu3_x: stride 4.
@@ -263,7 +267,7 @@ def build_feature_extractor(
     cut: how much of the trunk to keep; None picks the per-backbone default.
       efficientnet-lite0: MBConv blocks after the stem, 0..16, default 3 (24 ch, stride 4;
         table in the module docstring).
-      resnet*: children of conv1, bn1, relu, maxpool, layer1..layer4, 1..8, default 5
+      resnet*, wide_resnet*, resnext*: children of conv1, bn1, relu, maxpool, layer1..layer4, 1..8, default 5
         (through layer1: stride 4, 64 ch for resnet18/34, 256 ch for resnet50+).
       vgg*: ``features[:cut]``, 1..len(features), default up to the third max-pool
         (through relu3_x: stride 4, 256 ch; 16 for vgg16, 23 for vgg16_bn).
@@ -278,7 +282,7 @@ def build_feature_extractor(
         cut = DEFAULT_EFFICIENTNET_CUT if cut is None else cut
         _check_cut(key, cut, 0, EFFICIENTNET_NUM_BLOCKS)
         trunk = _build_efficientnet(cut, weights_path if pretrained else None)
-    elif key in _RESNET_NAMES or key in _VGG_NAMES:
+    elif key in RESNET_NAMES or key in _VGG_NAMES:
         trunk, cut = _build_torchvision(key, cut, weights_path, pretrained)
     else:
         raise SsimaeError(f"unknown feature extractor {name!r}; accepted: {', '.join(ACCEPTED_NAMES)}")

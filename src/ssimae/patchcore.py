@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .config import METHOD_IMAGE_SIZE, MIN_IMAGE_SIDE
 from .errors import SettingError, SsimaeError
-from .features import EFFICIENTNET_NAME, RESNET_TRUNK, FeatureExtractor, build_feature_extractor
+from .features import EFFICIENTNET_NAME, RESNET_NAMES, RESNET_TRUNK, FeatureExtractor, build_feature_extractor
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def build_patchcore(config, channels: int, pretrained: bool = True) -> PatchCore
         extractor = build_feature_extractor(EFFICIENTNET_NAME, cut=blocks[-1] + 1, weights_path=config.feature_weights,
                                             pretrained=pretrained)
         taps, dim = blocks, sum(BLOCKS[b][0] for b in blocks)
-    elif name.startswith("resnet"):
+    elif name in RESNET_NAMES:
         extractor = build_feature_extractor(name, cut=7, weights_path=config.feature_weights,  # through layer3
                                             pretrained=pretrained)
         taps = RESNET_LAYERS
@@ -278,7 +278,8 @@ def build_patchcore(config, channels: int, pretrained: bool = True) -> PatchCore
             dim = sum(o.shape[1] for o in BlockOutputs(extractor, taps)(torch.zeros(1, 3, 64, 64)))
     else:
         raise SettingError("feature_net", f"feature_net {config.feature_net!r} cannot be a PatchCore backbone; use "
-                                          f"{EFFICIENTNET_NAME} or a torchvision resnet with --feature-weights")
+                                          f"{EFFICIENTNET_NAME}, or a torchvision ResNet, WideResNet or ResNeXt "
+                                          "with --feature-weights")
     return PatchCore(BlockOutputs(extractor, taps), config.patchcore_neighbourhood, dim)
 
 
