@@ -129,6 +129,20 @@ def test_memory_methods_export_with_dynamic_image_sizes_and_match_torch(tmp_path
                                    rtol=0)
 
 
+def test_an_export_carries_the_input_normalization_and_its_targets(tmp_path):
+    torch.manual_seed(0)
+    config = Config(method="ssim-ae", latent_dim=8, input_normalization="standardize", input_mean=0.4, input_sd=0.1)
+    Checkpoint(config, 1, build_network(config, 1).state_dict(), Thresholds(0.5, "test")).save(tmp_path / "checkpoint.pt")
+    path = export_onnx(tmp_path / "checkpoint.pt", tmp_path / "model.onnx")
+    onnx_detector = load_detector(path, "onnxruntime", {"device": "cpu"})
+    assert (onnx_detector.config.input_normalization, onnx_detector.config.input_mean,
+            onnx_detector.config.input_sd) == ("standardize", 0.4, 0.1)
+    image = texture(150, 170, np.random.default_rng(1))[:, :, None]
+    torch_map = load_detector(tmp_path / "checkpoint.pt", overrides={"device": "cpu"}).anomaly_map(image)
+    np.testing.assert_allclose(onnx_detector.anomaly_map(image), torch_map, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(onnx_detector.anomaly_map(0.2 + 0.5 * image), torch_map, atol=1e-4, rtol=0)
+
+
 def _maps(folder):
     return {p.relative_to(folder): np.asarray(Image.open(p)) for p in sorted((folder / "maps").rglob("*.tiff"))}
 

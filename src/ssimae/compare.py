@@ -27,7 +27,8 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint
 from .config import METHOD_NAMES, Config
-from .data import check_test_masks, find_test_items, load_mask, read_image, resize_array, resize_map, to_color
+from .data import (check_test_masks, find_test_items, load_mask, normalize_brightness, read_image, resize_array,
+                   resize_map, to_color)
 from .detector import load_detector
 from .errors import SsimaeError
 from .evaluate import TestMaps, compute_test_maps, metrics_of
@@ -215,7 +216,8 @@ def example_arrays(image: np.ndarray, mask: np.ndarray, checkpoints: dict[str, P
         threshold = detector.threshold if detector.threshold is not None else float(np.quantile(residual, 0.99))
         arrays[f"{short}_segmentation"] = shrink(residual > threshold, EXAMPLE_SIDE)
         if method == "ssim-ae":
-            x = torch.from_numpy(np.ascontiguousarray(to_color(image, cfg.color))).permute(2, 0, 1)[None]  # (1, C, H, W)
+            seen = normalize_brightness(to_color(image, cfg.color), cfg.input_normalization, cfg.input_mean, cfg.input_sd)
+            x = torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1)[None]  # (1, C, H, W): what the model saw
             y = torch.from_numpy(np.ascontiguousarray(recon)).permute(2, 0, 1)[None]  # (1, C, H, W)
             components = ssim_components(x, y, cfg.ssim_window, cfg.ssim_sigma, cfg.ssim_data_range)  # the model's SSIM
             for name, values in components._asdict().items():

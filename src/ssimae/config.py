@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": PRECISIONS,
     "threshold_rule": ("pixel-fpr", "min-area"),
     "image_score": IMAGE_SCORES,
+    "input_normalization": ("none", "mean", "standardize"),
 }
 # The map smoothing of each method when map_smoothing is not set: PatchCore's paper smooths with
 # sigma 4; the blur floor is defined with sigma 2 (README); the autoencoders' maps are not smoothed.
@@ -76,6 +77,9 @@ class Config:
     # --- images
     image_size: str | None = None  # "keep" the size, "256" resizes the shorter side, "320x240" is WxH; empty = the method's (keep; 256x256 for patchcore, 8x for images <= 128 px)
     max_image_pixels: int = 16384 * 16384  # larger images are refused before decoding (decompression-bomb guard)
+    input_normalization: str = "none"  # none | mean | standardize: each working image's mean (and deviation) moved onto the training images' average first, against lighting that varies between images
+    input_mean: float | None = None  # input_normalization's target mean, in [0, 1]; empty = measured on the training images (the fit records it)
+    input_sd: float | None = None  # its target deviation (standardize); empty = measured on the training images (the fit records it)
     # --- training data
     patches_per_epoch: int = 10_000  # random crops per epoch
     rotate: str = "any"  # none | 90 | any: random rotation of each training crop
@@ -209,6 +213,10 @@ class Config:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise SettingError(name, f"{name} must be >= 0, got {value}")
+        if self.input_mean is not None and not (math.isfinite(self.input_mean) and 0 <= self.input_mean <= 1):
+            raise SettingError("input_mean", f"input_mean {self.input_mean} must be in [0, 1], the range of the images")
+        if self.input_sd is not None and not (math.isfinite(self.input_sd) and 0 < self.input_sd <= 0.5):
+            raise SettingError("input_sd", f"input_sd {self.input_sd} must be in (0, 0.5], a deviation of values in [0, 1]")
         if self.max_steps is not None and self.max_steps < 1:
             raise SettingError("max_steps", f"max_steps must be at least 1, got {self.max_steps}")
         try:

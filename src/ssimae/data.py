@@ -138,6 +138,18 @@ def load_image(path: str | os.PathLike, color: str, image_size=None, max_pixels:
     return resize_image(to_color(read_image(path, max_pixels), color), image_size)
 
 
+def working_image(array: np.ndarray, config) -> np.ndarray:
+    """An (H, W, C) image as read -> what the methods see: the configured colour, working size and
+    input_normalization (a Config's color, resize, input_normalization, input_mean and input_sd)."""
+    resized = resize_image(to_color(array, config.color), config.resize)
+    return normalize_brightness(resized, config.input_normalization, config.input_mean, config.input_sd)
+
+
+def load_working(path: str | os.PathLike, config) -> np.ndarray:
+    """read_image + working_image."""
+    return working_image(read_image(path, config.max_image_pixels), config)
+
+
 def target_size(height: int, width: int, image_size) -> tuple[int, int]:
     """(height, width) after resizing by a parsed image-size spec (None, shorter side, or (W, H))."""
     if image_size is None:
@@ -164,6 +176,38 @@ def resize_image(array: np.ndarray, image_size) -> np.ndarray:
     if (height, width) == array.shape[:2]:
         return array
     return np.clip(resize_array(array, height, width), 0, 1)
+
+
+# How input_normalization moves each working image's intensities (all channels together, so colours keep their
+# balance) before any method sees it: lighting that varies from image to image otherwise reaches the features
+# as if it were content. Measured in bench/README.md ("Each image's brightness"): on magnetic_tile "standardize"
+# raised every PatchCore figure; on PIPED, where one large impurity sets its image's mean and deviation, it lost.
+_FLAT = 1e-6  # a deviation below this is a flat image: it is moved, not stretched
+
+
+def brightness_targets(images) -> tuple[float, float]:
+    """The mean and deviation working images are moved onto: the averages, over the training images, of each
+    one's own mean and deviation (an image is weighed alike whatever its size)."""
+    stats = np.array([(float(image.mean()), float(image.std())) for image in images], dtype=np.float64)
+    if not len(stats):
+        raise SsimaeError("no training images to measure input_normalization's targets on")
+    return float(stats[:, 0].mean()), float(stats[:, 1].mean())
+
+
+def normalize_brightness(array: np.ndarray, how: str, mean: float | None, sd: float | None) -> np.ndarray:
+    """An (H, W, C) image with its mean moved onto `mean` ("mean"), and its deviation scaled to `sd` too
+    ("standardize"); "none" returns it as it is. Values are clipped to [0, 1], as every image here is."""
+    if how == "none":
+        return array
+    if mean is None or (how == "standardize" and sd is None):
+        raise SsimaeError(f"input_normalization {how!r} has no targets: they are measured when fitting; refit, or "
+                          "set input_mean (and input_sd)")
+    moved = array - np.float32(array.mean())
+    if how == "standardize":
+        deviation = float(array.std())
+        if deviation > _FLAT:
+            moved *= np.float32(sd / deviation)
+    return np.clip(moved + np.float32(mean), 0, 1).astype(np.float32, copy=False)
 
 
 def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:

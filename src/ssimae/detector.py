@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, Thresholds
 from .config import BACKENDS, INFERENCE_SETTINGS, Config, config_from_dict
-from .data import read_image, resize_image, resize_map, to_color
+from .data import read_image, resize_map, working_image
 from .devices import resolve_device, resolve_precision, tf32
 from .errors import SettingError, SsimaeError
 from .inference import PatchFn, sliding_window, smooth_map, torch_patch_fn
@@ -67,8 +67,8 @@ class Detector:
         return self.thresholds.pixel if self.thresholds else None
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, C) as read -> the model's colour and working size."""
-        return resize_image(to_color(image, self.config.color), self.config.resize)
+        """(H, W, C) as read -> the model's colour, working size and input normalization."""
+        return working_image(image, self.config)
 
     def working_map(self, working: np.ndarray) -> np.ndarray:
         """Anomaly map of an image already at working colour and size, smoothed; (H, W) float32."""

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint, TrainingState, build_network
 from .config import Config, save_config
-from .data import find_training_images, image_pixels, load_image, pad_to_min_size, sample_patches
+from .data import (brightness_targets, find_training_images, image_pixels, load_image, load_working, pad_to_min_size,
+                   sample_patches)
 from .detector import choose_thresholds, summarise_validation, torch_detector
 from .threshold import ValidationSummary
 from .devices import cudnn_autotune, resolve_device, resolve_precision, tf32
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 TRAIN_MICRO_BATCH = 32
 VALIDATION_PATCHES = 256  # fixed, seeded validation patches for the per-epoch validation loss
 # Settings that change the model, its input or the validation split: a resumed run must keep them.
-MODEL_SHAPING = ("method", "latent_dim", "patch_size", "color", "image_size", "val_fraction")
+MODEL_SHAPING = ("method", "latent_dim", "patch_size", "color", "image_size", "val_fraction", "input_normalization")
 
 
 class TrainResult(NamedTuple):
@@ -227,7 +228,7 @@ def evaluate_loss(model: torch.nn.Module, loss_fn: LossFn, patches: torch.Tensor
 
 def load_images(paths: list[Path], config: Config) -> list[np.ndarray]:
     """Decode, convert and resize images for training, (H, W, C) float32 each."""
-    images = [load_image(p, config.color, config.resize, config.max_image_pixels) for p in paths]
+    images = [load_working(p, config) for p in paths]
     small = [p for p, im in zip(paths, images) if min(im.shape[:2]) < config.patch_size]
     if small and config.kind == "reconstruction":
         log.warning(
@@ -250,8 +251,7 @@ class LazyImages(Sequence):
     def __getitem__(self, index: int) -> np.ndarray:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        config = self.config
-        return load_image(self.paths[index], config.color, config.resize, config.max_image_pixels)
+        return load_working(self.paths[index], self.config)
 
 
 def fit(
@@ -373,6 +373,7 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
             config = replace(config, coreset_pool=defaults.pool if efficientnet else DEFAULT_POOL)
         log.info("patchcore: working size %s%s, coreset pool %d", config.image_size,
                  f", blocks {config.patchcore_blocks}" if efficientnet else "", config.coreset_pool)
+    config = with_brightness_targets(config, split.train)
     # Gradient training samples patches from every image all the time, so it holds them; a memory method
     # reads each image as it needs it (decoding again beats holding them all at the working size: 4 MB
     # each for a 128x128 image at PatchCore's 8x, 4 GB for a thousand).
@@ -409,6 +410,20 @@ def _fit(config: Config, split, run_dir: Path, checkpoint_path: Path, previous: 
     barrier()
     return TrainResult(checkpoint_path, thresholds.pixel, checkpoint.training.step, checkpoint.training.seconds,
                        checkpoint.history)
+
+
+def with_brightness_targets(config: Config, paths: list[Path]) -> Config:
+    """The config with input_normalization's targets measured on the training images where they are not set,
+    so that predict moves every image onto the same ones."""
+    if config.input_normalization == "none" or (config.input_mean is not None and config.input_sd is not None):
+        return config
+    mean, sd = brightness_targets(load_image(p, config.color, config.resize, config.max_image_pixels) for p in paths)
+    config = replace(config, input_mean=mean if config.input_mean is None else config.input_mean,
+                     input_sd=sd if config.input_sd is None else config.input_sd)
+    log.info("input normalization %s: each image's mean moved onto %.4f%s", config.input_normalization,
+             config.input_mean, f", its deviation onto {config.input_sd:.4f}"
+             if config.input_normalization == "standardize" else "")
+    return config
 
 
 def fit_memory(config: Config, images: Sequence[np.ndarray], channels: int, device: torch.device,
@@ -449,8 +464,7 @@ def train_network(config: Config, images: list[np.ndarray], split, channels: int
 
         feature_extractor = extractor_for(config).to(device)
     loss_fn = make_loss(config, feature_extractor)
-    val_source = [load_image(p, config.color, config.resize, config.max_image_pixels) for p in split.validation] \
-        or images
+    val_source = [load_working(p, config) for p in split.validation] or images
     val_patches = sample_patches(
         [pad_to_min_size(im, config.patch_size) for im in val_source],
         VALIDATION_PATCHES, config.patch_size, np.random.default_rng([config.seed, 1]), rotate="none", flip=False,
