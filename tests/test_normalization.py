@@ -8,7 +8,7 @@ from conftest import texture, tiny_config, to_uint8, write_png
 
 from ssimae.checkpoint import Checkpoint
 from ssimae.config import Config
-from ssimae.data import brightness_targets, normalize_brightness, read_image, working_image
+from ssimae.data import brightness_targets, find_training_images, normalize_brightness, read_image, working_image
 from ssimae.detector import load_detector
 from ssimae.errors import SettingError, SsimaeError
 from ssimae.train import fit
@@ -79,7 +79,7 @@ def test_a_fit_records_the_targets_and_predict_sees_the_lighting_taken_out(tmp_p
         settings.update(image_size="64x64", memory_bank_size=50)
     result = fit(tiny_config(**settings), tmp_path / "good", tmp_path / "run", progress=False)
     config = Checkpoint.load(result.checkpoint).config
-    train = [p for p in sorted((tmp_path / "good").iterdir()) if p.name != "good_2.png"]  # good_2: held out (seed 0)
+    train = find_training_images(tmp_path / "good", config.val_fraction, config.seed).train  # the fit's own split
     kept = [working_image(read_image(p), Config(**{**settings, "input_normalization": "none"})) for p in train]
     assert (config.input_mean, config.input_sd) == pytest.approx(brightness_targets(kept), rel=1e-6)
 
