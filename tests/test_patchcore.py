@@ -13,8 +13,8 @@ from ssimae.checkpoint import Checkpoint
 from ssimae.config import Config
 from ssimae.detector import load_detector
 from ssimae.errors import SettingError
-from ssimae.patchcore import (build_patchcore, default_blocks, default_image_size, greedy_coreset, image_defaults,
-                              nearest_distances)
+from ssimae.patchcore import (block_scales, build_patchcore, default_blocks, default_image_size, greedy_coreset,
+                              image_defaults, nearest_block_distances, nearest_distances)
 from ssimae.train import fit
 
 SETTINGS = dict(method="patchcore", image_size="128x128", memory_bank_size=300, device="cpu", val_fraction=0.2)
@@ -74,6 +74,58 @@ def test_nearest_distances_are_exact_across_chunks(monkeypatch):
     queries, bank = queries + 100.0, bank + 100.0
     exact = torch.cdist(queries.double(), bank.double()).min(dim=1).values.float()
     torch.testing.assert_close(nearest_distances(queries, bank), exact, atol=1e-4, rtol=0)
+
+
+def test_nearest_block_distances_are_each_blocks_own_nearest_across_chunks(monkeypatch):
+    import ssimae.patchcore as patchcore
+
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(50, 11, generator=generator) + 30.0, torch.randn(70, 11, generator=generator) + 30.0
+    dims = (3, 8)
+    for name, size in (("QUERY_CHUNK", 16), ("BANK_CHUNK", 9), ("CPU_QUERY_CHUNK", 16), ("CPU_BANK_CHUNK", 9)):
+        monkeypatch.setattr(patchcore, name, size)
+    expected = torch.stack([torch.cdist(queries[:, :3].double(), bank[:, :3].double()).min(1).values,
+                            torch.cdist(queries[:, 3:].double(), bank[:, 3:].double()).min(1).values]).float()
+    distances = nearest_block_distances(queries, bank, dims)
+    assert distances.shape == (2, 50)
+    torch.testing.assert_close(distances, expected, atol=1e-4, rtol=0)
+    # each block's nearest row is its own: the sum of the blocks' squared distances is at most the joint one's
+    assert bool(((distances**2).sum(0) <= nearest_distances(queries, bank) ** 2 + 1e-3).all())
+    # groups: each query's search leaves out the bank rows of its own group
+    query_groups, bank_groups = torch.arange(50) % 3, torch.arange(70) % 3
+    grouped = nearest_block_distances(queries, bank, dims, groups=(query_groups, bank_groups))
+    for i in range(0, 50, 7):
+        others = bank[bank_groups != query_groups[i]]
+        for b, part in enumerate((slice(0, 3), slice(3, 11))):
+            exact = torch.cdist(queries[i : i + 1, part].double(), others[:, part].double()).min().float()
+            torch.testing.assert_close(grouped[b, i], exact, atol=1e-4, rtol=0)
+    alone = nearest_block_distances(queries[:2], bank[:5], dims, groups=(torch.zeros(2), torch.zeros(5)))
+    assert bool(torch.isinf(alone).all())  # every bank row is of the query's own group
+
+
+def test_block_scales_are_the_mean_distance_to_other_images_bank_rows_by_hand():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 5, generator=generator)
+    features[:, 2:] *= 10.0  # the second block lies ten times as far apart
+    owners = torch.arange(40) // 8  # five images of eight features
+    chosen = torch.tensor([0, 3, 9, 12, 20, 33])
+    scales = block_scales(features, chosen, (2, 3), owners, seed=0, sample=40)  # every feature
+    bank = features[chosen]
+    expected = []
+    for part in (slice(0, 2), slice(2, 5)):
+        distances = torch.cdist(features[:, part].double(), bank[:, part].double())
+        distances[owners[:, None] == owners[chosen][None]] = float("inf")  # not against its own image's rows
+        expected.append(distances.min(1).values.mean())
+    torch.testing.assert_close(scales, torch.stack(expected).float(), atol=1e-4, rtol=0)
+    assert 5 < float(scales[1] / scales[0]) < 20
+    # no other image to measure against: 1 for every block
+    assert torch.equal(block_scales(features, chosen, (2, 3), torch.zeros(40, dtype=torch.long), seed=0), torch.ones(2))
+    # features whose image alone is in the bank are left out of the mean
+    alone = block_scales(features, torch.tensor([0, 1]), (2, 3), owners, seed=0, sample=40)
+    rest = features[8:]
+    expected = [torch.cdist(rest[:, part].double(), features[:2, part].double()).min(1).values.mean()
+                for part in (slice(0, 2), slice(2, 5))]
+    torch.testing.assert_close(alone, torch.stack(expected).float(), atol=1e-4, rtol=0)
 
 
 def test_refined_nearest_distances_are_exact_where_the_expansion_cancels():
@@ -143,12 +195,79 @@ def test_the_bank_round_trips_through_the_checkpoint(planted, tmp_path):
     assert checkpoint.config.patchcore_blocks == "4,10,14"
     assert checkpoint.config.coreset_pool == 250000
     assert bank.ndim == 2 and bank.shape[0] == 300 and bank.shape[1] == 40 + 112 + 192  # blocks 4, 10, 14
+    assert checkpoint.config.patchcore_scoring == "joint" and checkpoint.weights["block_scales"].numel() == 0
     checkpoint.save(tmp_path / "copy.pt")
     network = Checkpoint.load(tmp_path / "copy.pt").network()
     assert torch.equal(network.bank, bank)
     x = torch.rand(1, 1, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(network(x), checkpoint.network()(x))
+
+
+@pytest.fixture(scope="module")
+def per_block(tmp_path_factory):
+    """A PatchCore fitted with per-block scoring on 6 small textures."""
+    root = tmp_path_factory.mktemp("per_block")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_png(root / "good" / f"{i}.png", texture_png(64, 64, rng, period=9))
+    config = Config(**{**SETTINGS, "image_size": "64x64", "memory_bank_size": 60, "patchcore_scoring": "per-block"})
+    return fit(config, root / "good", root / "run", progress=False)
+
+
+def test_per_block_scores_are_each_blocks_distance_over_its_scale_averaged(per_block, tmp_path):
+    checkpoint = Checkpoint.load(per_block.checkpoint)
+    bank, scales = checkpoint.weights["bank"], checkpoint.weights["block_scales"]
+    assert checkpoint.config.patchcore_scoring == "per-block"
+    assert scales.shape == (3,) and bool((scales > 0).all())
+    checkpoint.save(tmp_path / "copy.pt")
+    network = Checkpoint.load(tmp_path / "copy.pt").network()
+    assert network.scoring == "per-block" and torch.equal(network.block_scales, scales)
+    noise = torch.rand(1, 1, 64, 64)
+    clean = torch.from_numpy(texture(64, 64, np.random.default_rng(300), period=9))[None, None]
+    with torch.no_grad():
+        scores = network(noise)
+        torch.testing.assert_close(scores, checkpoint.network()(noise))
+        # by hand: each block's nearest distance over its scale, averaged over the blocks
+        queries = network.embed(noise)[0].flatten(1).T
+        parts, banks = torch.split(queries, [40, 112, 192], dim=1), torch.split(bank, [40, 112, 192], dim=1)
+        expected = sum(torch.cdist(q.double(), m.double()).min(1).values / s for q, m, s in zip(parts, banks, scales))
+        torch.testing.assert_close(scores.flatten().double(), expected / 3, atol=1e-4, rtol=0)
+        # in units of a training feature's typical distance from the other images' bank rows
+        assert 0.3 < float(network(clean).median()) < 3 < float(scores.median())
+
+
+def test_a_checkpoint_without_block_scales_scores_jointly(per_block, tmp_path):
+    checkpoint = Checkpoint.load(per_block.checkpoint)
+    del checkpoint.weights["block_scales"]  # as written before per-block scoring
+    checkpoint.save(tmp_path / "old.pt")
+    network = Checkpoint.load(tmp_path / "old.pt").network()
+    assert network.scoring == "joint"
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        queries = network.embed(x)[0].flatten(1).T
+        torch.testing.assert_close(network(x).flatten(), nearest_distances(queries, network.bank))
+
+
+def test_per_block_scoring_is_a_setting_with_two_values():
+    assert Config().patchcore_scoring == "joint"  # the paper's
+    with pytest.raises(SettingError, match="patchcore_scoring 'sum' is not one of joint, per-block"):
+        Config(patchcore_scoring="sum").validate()
+
+
+@pytest.mark.slow
+def test_onnx_export_of_per_block_scoring_agrees_with_torch(per_block, tmp_path):
+    from ssimae.export import export_onnx
+
+    path = export_onnx(per_block.checkpoint, tmp_path / "per_block.onnx")
+    torch_detector = load_detector(per_block.checkpoint, overrides={"device": "cpu"})
+    onnx_detector = load_detector(path, "onnxruntime", {"device": "cpu"})
+    for seed in (1, 2):
+        image = texture(64, 64, np.random.default_rng(seed), period=9)
+        image[20:30, 30:40] = 0.05
+        ours, expected = onnx_detector.anomaly_map(image[:, :, None]), torch_detector.anomaly_map(image[:, :, None])
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=0)
+        assert ours.max() > 1.5  # the blot, in units of a typical training feature's distance
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "wide_resnet50_2"])  # the latter: the PatchCore paper's

@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "threshold_rule": ("pixel-fpr", "min-area"),
     "image_score": IMAGE_SCORES,
     "input_normalization": ("none", "mean", "standardize"),
+    "patchcore_scoring": ("joint", "per-block"),
 }
 # The map smoothing of each method when map_smoothing is not set: PatchCore's paper smooths with
 # sigma 4; the blur floor is defined with sigma 2 (README); the autoencoders' maps are not smoothed.
@@ -109,6 +110,7 @@ class Config:
     # --- patchcore
     patchcore_blocks: str | None = None  # EfficientNet-Lite0 blocks whose outputs are the patch features; empty = 4,10,14, or 0 where image_size is empty too and the training images are at most 128 px (the fit records which)
     patchcore_neighbourhood: int = 3  # each feature averaged over its k x k neighbourhood
+    patchcore_scoring: str = "joint"  # joint | per-block: the distance in all blocks' features together (the paper's), or each block's own over its typical value, averaged (bench/README.md)
     memory_bank_size: int = 16384  # upper bound of the memory bank (the greedy coreset's size)
     coreset_projection: int = 128  # dimensions of the random projection the coreset distances use
     coreset_pool: int | None = None  # at most this many patch features (a random sample) enter the greedy coreset; empty = 250000, or 50000 for efficientnet-lite0 where image_size is empty too and the training images are at most 128 px (the fit records which)
