@@ -295,7 +295,7 @@ def block_scales(features: torch.Tensor, chosen: torch.Tensor, block_dims: Seque
     training image there is no other image to measure against: every scale is 1."""
     n = features.shape[0]
     owners = owners.to(features.device)
-    if chosen.numel() < 1 or bool((owners == owners[0]).all()):
+    if bool((owners == owners[0]).all()):
         return torch.ones(len(block_dims))
     generator = torch.Generator().manual_seed(seed + 1)
     picked = torch.randperm(n, generator=generator)[:sample].to(features.device)
@@ -427,11 +427,12 @@ def fit_patchcore(config, images: Sequence[np.ndarray], channels: int, device: t
     started = time.monotonic()
     bar = (lambda steps: tqdm(steps, desc="patchcore coreset", unit="feature", dynamic_ncols=True, mininterval=1)) \
         if progress else None
-    chosen = greedy_coreset(features.to(device), size, config.coreset_projection, config.seed, bar).cpu()
+    pool_on_device = features.to(device)  # once, for the coreset and the block scales
+    chosen = greedy_coreset(pool_on_device, size, config.coreset_projection, config.seed, bar).cpu()
     log.info("patchcore: memory bank of %d features (greedy coreset) in %.0f s", size, time.monotonic() - started)
     model.bank = features[chosen].contiguous().to(device)
     if config.patchcore_scoring == "per-block" and len(model.block_dims) > 1:  # one block: the two rank alike
-        model.block_scales = block_scales(features.to(device), chosen, model.block_dims, owners, config.seed).to(device)
+        model.block_scales = block_scales(pool_on_device, chosen, model.block_dims, owners, config.seed).to(device)
         log.info("patchcore: per-block scoring, each block's distance over its typical %s",
                  ", ".join(f"{scale:.3g}" for scale in model.block_scales.tolist()))
     return model
