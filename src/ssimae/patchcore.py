@@ -223,25 +223,7 @@ def _nearest_distances(queries: torch.Tensor, bank: torch.Tensor, refine: bool) 
     small = queries.device.type == "cpu" and not torch.onnx.is_in_onnx_export()
     if small and queries.shape[1] <= KDTREE_MAX_DIM and not torch.jit.is_tracing():
         return _kdtree_distances(queries, bank)
-    query_chunk, bank_chunk = (CPU_QUERY_CHUNK, CPU_BANK_CHUNK) if small else (QUERY_CHUNK, BANK_CHUNK)
-    centre = bank.mean(0)  # (D,)
-    queries, bank = queries - centre, bank - centre
-    bank_norm = (bank * bank).sum(1)  # (M,)
-    best = []
-    for start in range(0, queries.shape[0], query_chunk):
-        q = queries[start : start + query_chunk]
-        q_norm = (q * q).sum(1, keepdim=True)  # (m, 1)
-        smallest = None
-        for bank_start in range(0, bank.shape[0], bank_chunk):
-            part = bank[bank_start : bank_start + bank_chunk]
-            d2 = torch.addmm(q_norm + bank_norm[bank_start : bank_start + bank_chunk], q, part.T, alpha=-2.0)
-            if refine:
-                low = (q - part[d2.argmin(dim=1)]).square().sum(1)
-            else:
-                low = d2.min(dim=1).values
-            smallest = low if smallest is None else torch.minimum(smallest, low)
-        best.append(smallest)
-    return torch.cat(best).clamp(min=0).sqrt()
+    return _chunked_nearest(queries, bank, [slice(None)], refine=refine)[0]
 
 
 def nearest_block_distances(queries: torch.Tensor, bank: torch.Tensor, block_dims: Sequence[int],
@@ -253,35 +235,48 @@ def nearest_block_distances(queries: torch.Tensor, bank: torch.Tensor, block_dim
     of multiply-adds as the joint search; float32 also under a bf16 autocast. groups (the queries' (Q,) and the
     bank rows' (M,) group labels, e.g. the training image each came from): each query's search leaves out the
     bank rows of its own group (inf where that is all of them)."""
+    edges = np.cumsum([0, *block_dims]).tolist()
+    slices = [slice(a, b) for a, b in itertools.pairwise(edges)]
     with torch.autocast(queries.device.type, enabled=False):
-        queries, bank = queries.float(), bank.float()
-        small = queries.device.type == "cpu" and not torch.onnx.is_in_onnx_export()
-        query_chunk, bank_chunk = (CPU_QUERY_CHUNK, CPU_BANK_CHUNK) if small else (QUERY_CHUNK, BANK_CHUNK)
-        centre = bank.mean(0)
-        queries, bank = queries - centre, bank - centre
-        edges = np.cumsum([0, *block_dims]).tolist()
-        slices = [slice(a, b) for a, b in itertools.pairwise(edges)]
-        bank_norms = [(bank[:, part] ** 2).sum(1) for part in slices]
-        best = []
-        for start in range(0, queries.shape[0], query_chunk):
-            q = queries[start : start + query_chunk]
-            q_norms = [(q[:, part] ** 2).sum(1, keepdim=True) for part in slices]
-            smallest = [None] * len(slices)
-            for bank_start in range(0, bank.shape[0], bank_chunk):
-                rows = bank[bank_start : bank_start + bank_chunk]
-                mask = None
-                if groups is not None:  # (m, rows): the bank rows of each query's own group
-                    mask = groups[0][start : start + query_chunk, None] == \
-                        groups[1][None, bank_start : bank_start + bank_chunk]
-                for index, part in enumerate(slices):
-                    d2 = torch.addmm(q_norms[index] + bank_norms[index][bank_start : bank_start + bank_chunk],
-                                     q[:, part], rows[:, part].T, alpha=-2.0)
-                    if mask is not None:
-                        d2 = d2.masked_fill(mask, float("inf"))
+        return _chunked_nearest(queries.float(), bank.float(), slices, groups=groups)
+
+
+def _chunked_nearest(queries: torch.Tensor, bank: torch.Tensor, slices: list[slice], refine: bool = False,
+                     groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """nearest_distances' expansion for each slice of the feature dimensions: (len(slices), Q). Chunked over the
+    queries and the bank so that memory stays bounded; both sides first moved by the bank's mean."""
+    small = queries.device.type == "cpu" and not torch.onnx.is_in_onnx_export()
+    query_chunk, bank_chunk = (CPU_QUERY_CHUNK, CPU_BANK_CHUNK) if small else (QUERY_CHUNK, BANK_CHUNK)
+    centre = bank.mean(0)  # (D,)
+    queries, bank = queries - centre, bank - centre
+    whole = slices == [slice(None)]  # the joint search: no slicing ops in an exported graph
+    part_of = (lambda x, part: x) if whole else (lambda x, part: x[:, part])
+    squared_norms = lambda x: (x * x).sum(1)
+    bank_norms = [squared_norms(part_of(bank, part)) for part in slices]  # (M,) each
+    best = []
+    for start in range(0, queries.shape[0], query_chunk):
+        q = queries[start : start + query_chunk]
+        q_norms = [squared_norms(part_of(q, part))[:, None] for part in slices]  # (m, 1) each
+        smallest = [None] * len(slices)
+        for bank_start in range(0, bank.shape[0], bank_chunk):
+            rows = bank[bank_start : bank_start + bank_chunk]
+            mask = None
+            if groups is not None:  # (m, rows): the bank rows of each query's own group
+                mask = (groups[0][start : start + query_chunk, None]
+                        == groups[1][None, bank_start : bank_start + bank_chunk])
+            for index, part in enumerate(slices):
+                q_part, rows_part = part_of(q, part), part_of(rows, part)
+                d2 = torch.addmm(q_norms[index] + bank_norms[index][bank_start : bank_start + bank_chunk],
+                                 q_part, rows_part.T, alpha=-2.0)
+                if mask is not None:
+                    d2 = d2.masked_fill(mask, float("inf"))
+                if refine:
+                    low = (q_part - rows_part[d2.argmin(dim=1)]).square().sum(1)
+                else:
                     low = d2.min(dim=1).values
-                    smallest[index] = low if smallest[index] is None else torch.minimum(smallest[index], low)
-            best.append(torch.stack(smallest))
-        return torch.cat(best, dim=1).clamp(min=0).sqrt()
+                smallest[index] = low if smallest[index] is None else torch.minimum(smallest[index], low)
+        best.append(torch.stack(smallest))
+    return torch.cat(best, dim=1).clamp(min=0).sqrt()
 
 
 def block_scales(features: torch.Tensor, chosen: torch.Tensor, block_dims: Sequence[int], owners: torch.Tensor,
