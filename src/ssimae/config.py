@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": PRECISIONS,
     "threshold_rule": ("pixel-fpr", "min-area"),
     "image_score": IMAGE_SCORES,
-    "input_normalization": ("none", "mean", "standardize"),
+    "input_normalization": ("none", "mean", "background", "standardize"),
     "patchcore_scoring": ("joint", "per-block"),
 }
 # The map smoothing of each method when map_smoothing is not set: PatchCore's paper smooths with
@@ -78,8 +78,8 @@ class Config:
     # --- images
     image_size: str | None = None  # "keep" the size, "256" resizes the shorter side, "320x240" is WxH; empty = the method's (keep; 256x256 for patchcore, 8x for images <= 128 px)
     max_image_pixels: int = 16384 * 16384  # larger images are refused before decoding (decompression-bomb guard)
-    input_normalization: str = "none"  # none | mean | standardize: each working image's mean (and deviation) moved onto the training images' average first, against lighting that varies between images
-    input_mean: float | None = None  # input_normalization's target mean, in [0, 1]; empty = measured on the training images (the fit records it)
+    input_normalization: str = "none"  # none | mean | background | standardize: each working image's mean (background: its background level; standardize: its mean and deviation) moved onto the training images' average first, against lighting that varies between images
+    input_mean: float | None = None  # input_normalization's target mean (background: level), in [0, 1]; empty = measured on the training images (the fit records it)
     input_sd: float | None = None  # its target deviation (standardize); empty = measured on the training images (the fit records it)
     # --- training data
     patches_per_epoch: int = 10_000  # random crops per epoch

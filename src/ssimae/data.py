@@ -181,14 +181,41 @@ def resize_image(array: np.ndarray, image_size) -> np.ndarray:
 # How input_normalization moves each working image's intensities (all channels together, so colours keep their
 # balance) before any method sees it: lighting that varies from image to image otherwise reaches the features
 # as if it were content. Measured in bench/README.md ("Each image's brightness"): on magnetic_tile "standardize"
-# raised every PatchCore figure; on PIPED, where one large impurity sets its image's mean and deviation, it lost.
+# raised every PatchCore figure; on PIPED, where one large impurity sets its image's mean and deviation, it lost,
+# and "background" (a level that defects barely move) lifted PA_GLA01_TL above the blur floor but lost on
+# PA_BRG03_TL, whose defect-free test images are darker than its training images.
 _FLAT = 1e-6  # a deviation below this is a flat image: it is moved, not stretched
 
 
-def brightness_targets(images) -> tuple[float, float]:
-    """The mean and deviation working images are moved onto: the averages, over the training images, of each
-    one's own mean and deviation (an image is weighed alike whatever its size)."""
-    stats = np.array([(float(image.mean()), float(image.std())) for image in images], dtype=np.float64)
+_BACKGROUND_STEPS = 3  # background_level's trimming rounds: a fourth moved the level by at most 3e-5 on PIPED's
+# test images and 1.1e-4 on magnetic_tile's (intensities in [0, 1]); 35 ms for a 1024x1024 image on one core
+_BACKGROUND_WIDTH = 2.0  # ... and the pixels it keeps: within this many robust deviations of the level
+
+
+def background_level(array: np.ndarray) -> float:
+    """The intensity most of an image's pixels lie around: the median, then, three times over, the median of the
+    pixels within two robust deviations (1.4826 x the median absolute deviation) of it. A defect moves it far
+    less than it moves the mean or even the median: on the defective test images of PA_GLA01_TL the level was off
+    by 0.0011 from that of the defect-free pixels alone (the mean by 0.0156, the median by 0.0046), on PA_BRG03_TL,
+    whose impurities cover up to 23% of an image, by 0.0046 (0.0131, 0.0074)."""
+    values = array.ravel()
+    level = float(np.median(values))
+    for _ in range(_BACKGROUND_STEPS):
+        distance = np.abs(values - np.float32(level))
+        width = _BACKGROUND_WIDTH * 1.4826 * float(np.median(distance))
+        level = float(np.median(values[distance <= width]))  # never empty: half the pixels lie within one deviation
+    return level
+
+
+def image_level(array: np.ndarray, how: str) -> float:
+    """The intensity input_normalization moves: background_level for "background", the mean otherwise."""
+    return background_level(array) if how == "background" else float(array.mean())
+
+
+def brightness_targets(images, how: str = "mean") -> tuple[float, float]:
+    """The level and deviation working images are moved onto: the averages, over the training images, of each
+    one's own level (image_level) and deviation (an image is weighed alike whatever its size)."""
+    stats = np.array([(image_level(image, how), float(image.std())) for image in images], dtype=np.float64)
     if not len(stats):
         raise SsimaeError("no training images to measure input_normalization's targets on")
     return float(stats[:, 0].mean()), float(stats[:, 1].mean())
@@ -202,7 +229,7 @@ def normalize_brightness(array: np.ndarray, how: str, mean: float | None, sd: fl
     if mean is None or (how == "standardize" and sd is None):
         raise SsimaeError(f"input_normalization {how!r} has no targets: they are measured when fitting; refit, or "
                           "set input_mean (and input_sd)")
-    moved = array - np.float32(array.mean())
+    moved = array - np.float32(image_level(array, how))
     if how == "standardize":
         deviation = float(array.std())
         if deviation > _FLAT:

@@ -417,10 +417,12 @@ def with_brightness_targets(config: Config, paths: list[Path]) -> Config:
     so that predict moves every image onto the same ones."""
     if config.input_normalization == "none" or (config.input_mean is not None and config.input_sd is not None):
         return config
-    mean, sd = brightness_targets(load_image(p, config.color, config.resize, config.max_image_pixels) for p in paths)
+    mean, sd = brightness_targets((load_image(p, config.color, config.resize, config.max_image_pixels) for p in paths),
+                                  config.input_normalization)
     config = replace(config, input_mean=mean if config.input_mean is None else config.input_mean,
                      input_sd=sd if config.input_sd is None else config.input_sd)
-    log.info("input normalization %s: each image's mean moved onto %.4f%s", config.input_normalization,
+    level = "background level" if config.input_normalization == "background" else "mean"
+    log.info("input normalization %s: each image's %s moved onto %.4f%s", config.input_normalization, level,
              config.input_mean, f", its deviation onto {config.input_sd:.4f}"
              if config.input_normalization == "standardize" else "")
     return config
