@@ -157,11 +157,15 @@ def test_nearest_distances_of_few_dimensions_are_exact():
 def planted(tmp_path_factory):
     """A folder of 10 defect-free textures and a fitted PatchCore run on it."""
     root = tmp_path_factory.mktemp("patchcore")
+    return root, _fit_on_textures(root, 10, 128, Config(**SETTINGS))
+
+
+def _fit_on_textures(root, count: int, size: int, config: Config):
+    """`count` defect-free size x size textures under root/good, and a fit of `config` on them."""
     rng = np.random.default_rng(0)
-    for i in range(10):
-        write_png(root / "good" / f"{i}.png", texture_png(128, 128, rng, period=9))
-    result = fit(Config(**SETTINGS), root / "good", root / "run", progress=False)
-    return root, result
+    for i in range(count):
+        write_png(root / "good" / f"{i}.png", texture_png(size, size, rng, period=9))
+    return fit(config, root / "good", root / "run", progress=False)
 
 
 def _with_blob(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,12 +211,8 @@ def test_the_bank_round_trips_through_the_checkpoint(planted, tmp_path):
 @pytest.fixture(scope="module")
 def per_block(tmp_path_factory):
     """A PatchCore fitted with per-block scoring on 6 small textures."""
-    root = tmp_path_factory.mktemp("per_block")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        write_png(root / "good" / f"{i}.png", texture_png(64, 64, rng, period=9))
     config = Config(**{**SETTINGS, "image_size": "64x64", "memory_bank_size": 60, "patchcore_scoring": "per-block"})
-    return fit(config, root / "good", root / "run", progress=False)
+    return _fit_on_textures(tmp_path_factory.mktemp("per_block"), 6, 64, config)
 
 
 def test_per_block_scores_are_each_blocks_distance_over_its_scale_averaged(per_block, tmp_path):
